@@ -1,0 +1,39 @@
+"""Shared fixtures. Tests that need the real SIIM files skip when ../shared/siim is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
+
+REPO = Path(__file__).resolve().parent.parent
+SIIM = Path(os.environ.get("TFPNEUMO_SIIM", REPO.parent / "shared" / "siim"))
+
+
+@pytest.fixture(scope="session")
+def siim_dir() -> Path:
+    """../shared/siim (real competition files), or skip."""
+    if not (SIIM / "stage_2_train.csv.gz").exists():
+        pytest.skip(f"real SIIM files not found at {SIIM} (set TFPNEUMO_SIIM)")
+    return SIIM
+
+
+@pytest.fixture(scope="session")
+def siim_mini(siim_dir: Path) -> Path:
+    """../shared/siim/siim-mini: 48 labelled + 10 test real DICOMs in the Kaggle layout."""
+    mini = siim_dir / "siim-mini"
+    if not (mini / "train-rle.csv").exists():
+        pytest.skip(f"{mini} not found")
+    return mini
+
+
+@pytest.fixture(scope="session")
+def tf():
+    """TensorFlow, imported quietly."""
+    from tfpneumo.tfimport import quiet_tensorflow
+
+    return quiet_tensorflow()

@@ -1,0 +1,354 @@
+"""Typed, frozen configuration: dataclass defaults, YAML overrides, ``--set`` overrides.
+
+Every default lives in the dataclasses below and is documented, one line each, in
+``configs/base.yaml`` (a test keeps the two equal). Experiment files hold overrides
+only. Unknown keys and invalid values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tfpneumo import TfpneumoError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(TfpneumoError):
+    """A config key is unknown or its value is invalid."""
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    size: int = 512
+    folds: int = 5
+    group_by_patient: bool = False
+    clahe: bool = False
+    shard_size: int = 256
+    workers: int = 0
+    seed: int = 42
+
+    def validate(self, prefix: str) -> None:
+        _check(self.size >= 32, prefix, "size", "must be >= 32")
+        _check(self.folds >= 2, prefix, "folds", "must be >= 2")
+        _check(self.shard_size >= 1, prefix, "shard_size", "must be >= 1")
+        _check(self.workers >= 0, prefix, "workers", "must be >= 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    cache: str = "cache"
+    image_size: int = 512
+    crop: Literal["resize", "random_crop"] = "resize"
+    batch_size: int = 8
+    positive_rate_start: float | None = 0.8
+    positive_rate_end: float | None = 0.4
+    shuffle_buffer: int = 512
+    cache_in_memory: Literal["auto", "always", "never"] = "auto"
+    memory_budget_gb: float = 4.0
+    num_parallel_calls: int = -1
+
+    def validate(self, prefix: str) -> None:
+        _check(self.image_size >= 32 and self.image_size % 32 == 0, prefix, "image_size",
+               "must be a multiple of 32 (the UNet downsamples 5 times)")
+        _check(self.batch_size >= 1, prefix, "batch_size", "must be >= 1")
+        for name in ("positive_rate_start", "positive_rate_end"):
+            rate = getattr(self, name)
+            _check(rate is None or 0.0 < rate < 1.0, prefix, name, "must be in (0, 1) or null")
+        _check((self.positive_rate_start is None) == (self.positive_rate_end is None), prefix,
+               "positive_rate_end", "set both positive_rate_start and _end, or neither")
+        _check(self.shuffle_buffer >= 1, prefix, "shuffle_buffer", "must be >= 1")
+        _check(self.num_parallel_calls == -1 or self.num_parallel_calls >= 1, prefix,
+               "num_parallel_calls", "must be -1 (AUTOTUNE) or >= 1")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    gamma: float = 0.2
+    color_p: float = 0.5
+    shift: float = 0.0625
+    scale: float = 0.1
+    rotate: float = 10.0
+    affine_p: float = 0.5
+    elastic_p: float = 0.0
+    grid_distortion_p: float = 0.0
+    optical_distortion_p: float = 0.0
+    clahe_p: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "hflip" or f.name.endswith("_p"):
+                _check(0.0 <= value <= 1.0, prefix, f.name, "is a probability in [0, 1]")
+            else:
+                _check(value >= 0.0, prefix, f.name, "must be >= 0")
+        _check(self.gamma < 1.0, prefix, "gamma", "must be < 1 (gamma is drawn from 1 +- gamma)")
+        _check(self.scale < 1.0, prefix, "scale", "must be < 1")
+
+    @property
+    def heavy(self) -> bool:
+        """True when an albumentations-only transform is switched on."""
+        return any(p > 0 for p in (self.elastic_p, self.grid_distortion_p,
+                                   self.optical_distortion_p, self.clahe_p))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
+    encoder_weights: str = "imagenet"
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    attention: Literal["none", "scse"] = "scse"
+    plain_taps: bool = False
+    skip_dropout: float = 0.1
+    head_dropout: float = 0.5
+
+    def validate(self, prefix: str) -> None:
+        _check(len(self.decoder_filters) == 5 and all(f > 0 for f in self.decoder_filters),
+               prefix, "decoder_filters", "must be 5 positive integers")
+        _check(0.0 <= self.skip_dropout < 1.0, prefix, "skip_dropout", "must be in [0, 1)")
+        _check(0.0 <= self.head_dropout < 1.0, prefix, "head_dropout", "must be in [0, 1)")
+        _check(bool(self.encoder_weights), prefix, "encoder_weights",
+               "must be imagenet, none or a path to a .h5 weights file")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    mask: Literal["bce", "dice", "log_dice", "focal", "lovasz", "ohem_bce", "combo"] = "combo"
+    combo_bce: float = 3.0
+    combo_dice: float = 1.0
+    combo_focal: float = 4.0
+    combo_lovasz: float = 0.0
+    log_dice_gamma: float = 0.3
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    ohem_ratio: float = 0.1
+    mask_positives_only: bool = True
+    mask_weight: float = 1.0
+    label_weight: float = 0.5
+
+    def validate(self, prefix: str) -> None:
+        for name in ("combo_bce", "combo_dice", "combo_focal", "combo_lovasz", "mask_weight",
+                     "label_weight", "log_dice_gamma", "focal_gamma"):
+            _check(getattr(self, name) >= 0.0, prefix, name, "must be >= 0")
+        _check(0.0 <= self.focal_alpha <= 1.0, prefix, "focal_alpha", "must be in [0, 1]")
+        _check(0.0 < self.ohem_ratio <= 1.0, prefix, "ohem_ratio", "must be in (0, 1]")
+        _check(self.mask != "combo" or self.combo_bce + self.combo_dice + self.combo_focal
+               + self.combo_lovasz > 0, prefix, "combo_bce", "combo needs a positive weight")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    encoder_lr_mult: float = 1.0
+    clipnorm: float = 1.0
+    accumulation_steps: int = 1
+    schedule: Literal["constant", "cosine", "onecycle", "cosine_restarts"] = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    restart_epochs: float = 10.0
+    restart_mult: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.lr > 0, prefix, "lr", "must be > 0")
+        _check(self.weight_decay >= 0, prefix, "weight_decay", "must be >= 0")
+        _check(0 < self.encoder_lr_mult <= 1.0, prefix, "encoder_lr_mult", "must be in (0, 1]")
+        _check(self.clipnorm >= 0, prefix, "clipnorm", "must be >= 0 (0 = off)")
+        _check(self.accumulation_steps >= 1, prefix, "accumulation_steps", "must be >= 1")
+        _check(self.warmup_epochs >= 0, prefix, "warmup_epochs", "must be >= 0")
+        _check(0 <= self.min_lr_ratio < 1, prefix, "min_lr_ratio", "must be in [0, 1)")
+        _check(self.restart_epochs > 0, prefix, "restart_epochs", "must be > 0")
+        _check(self.restart_mult >= 1, prefix, "restart_mult", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: str = "baseline"
+    seed: int = 0
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        _check(bool(self.experiment) and "/" not in self.experiment and ".." not in self.experiment,
+               prefix, "experiment", "must be a plain folder name")
+
+
+def _check(ok: bool, prefix: str, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {prefix}{key}: {message}")
+
+
+# ----------------------------------------------------------------------------- building
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and converts int -> float where needed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key {key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key {key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        (item_type, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+        return _build(tp, value, f"{key}.")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key {key}: unsupported type {tp}")
+
+
+def _build(cls: type, overrides: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in overrides:
+        if key not in names:
+            raise ConfigError(f"config key {prefix}{key}: unknown key (known: {sorted(names)})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in overrides:
+            kwargs[f.name] = _coerce(overrides[f.name], hints[f.name], prefix + f.name)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_set(item: str) -> dict:
+    """``"data.batch_size=4"`` -> ``{"data": {"batch_size": 4}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from e
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Reads a YAML mapping with ``yaml.safe_load`` (Python tags are refused)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML ({first})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def find_config(name: str | Path) -> Path:
+    """A path as given, or a name like ``demo`` looked up in the repository's configs/."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (REPO_CONFIGS / name, REPO_CONFIGS / f"{name}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{name}: config file not found")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file's overrides, then each ``--set key=value``."""
+    raw: dict = read_yaml(find_config(path)) if path else {}
+    for item in overrides:
+        raw = _merge(raw, _parse_set(item))
+    return _build(Config, raw)
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """A copy of ``cfg`` with some keys changed, validated: ``replace(cfg, data={"cache": p})``."""
+    return _build(Config, _merge(to_dict(cfg), sections))
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain dicts and lists (YAML-safe)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config (every key) as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
