@@ -172,6 +172,43 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    steps_per_epoch: int = 0
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    jit_compile: Literal["auto", "on", "off"] = "auto"
+    strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
+    freeze_encoder_epochs: int = 0
+    val_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6)
+    top_k: int = 3
+    swa_epochs: int = 0
+    swa_bn_steps: int = 50
+    tensorboard_images: int = 4
+    stages: tuple[Any, ...] = ()
+
+    def validate(self, prefix: str) -> None:
+        _check(self.epochs >= 1, prefix, "epochs", "must be >= 1")
+        _check(self.steps_per_epoch >= 0, prefix, "steps_per_epoch", "must be >= 0 (0 = one pass)")
+        _check(0 <= self.freeze_encoder_epochs <= self.epochs, prefix, "freeze_encoder_epochs",
+               "must be in [0, epochs]")
+        _check(len(self.val_thresholds) >= 1 and all(0 < t < 1 for t in self.val_thresholds),
+               prefix, "val_thresholds", "must be one or more thresholds in (0, 1)")
+        _check(self.top_k >= 1, prefix, "top_k", "must be >= 1")
+        _check(0 <= self.swa_epochs <= self.epochs, prefix, "swa_epochs", "must be in [0, epochs]")
+        _check(self.swa_bn_steps >= 1, prefix, "swa_bn_steps", "must be >= 1")
+        _check(self.tensorboard_images >= 0, prefix, "tensorboard_images", "must be >= 0")
+        names = []
+        for i, stage in enumerate(self.stages):
+            _check(isinstance(stage, dict) and set(stage) <= {"name", "set"}
+                   and isinstance(stage.get("name"), str) and isinstance(stage.get("set", {}), dict),
+                   prefix, f"stages[{i}]", "must be a mapping {name: str, set: {section.key: value}}")
+            _check(stage["name"].replace("_", "").replace("-", "").isalnum(), prefix,
+                   f"stages[{i}].name", "must be letters, digits, - or _")
+            names.append(stage["name"])
+        _check(len(set(names)) == len(names), prefix, "stages", "stage names must be unique")
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: str = "baseline"
     seed: int = 0
@@ -181,8 +218,29 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def stage_configs(self) -> list[tuple[str, Config]]:
+        """``[(name, config)]`` for each training stage; one stage "main" when none are set.
+
+        A stage's ``set`` holds dotted overrides (``data.image_size: 1024``) applied on top of
+        this config; each stage starts from the previous stage's final weights.
+        """
+        if not self.train.stages:
+            return [("main", self)]
+        base = to_dict(self)
+        base["train"]["stages"] = []
+        out = []
+        for stage in self.train.stages:
+            raw = base
+            for dotted, value in stage.get("set", {}).items():
+                raw = _merge(raw, _parse_set(f"{dotted}={yaml.safe_dump(value)}"))
+            out.append((stage["name"], _build(Config, raw, f"train.stages.{stage['name']}.")))
+        return out
 
     def validate(self, prefix: str = "") -> None:
+        if self.train.stages:
+            self.stage_configs()  # rejects unknown keys and bad values inside stages now
         _check(bool(self.experiment) and "/" not in self.experiment and ".." not in self.experiment,
                prefix, "experiment", "must be a plain folder name")
 
@@ -235,6 +293,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key}: expected a number, got {value!r}")
         return float(value)
