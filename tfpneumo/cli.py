@@ -84,6 +84,20 @@ def prepare(
     typer.echo(summary)
 
 
+@app.command()
+@one_line_errors
+def train(
+    config: ConfigOpt = None,
+    fold: Annotated[str, typer.Option(help="Fold index to validate on, or 'all' (each in turn).")] = "0",
+    set_: SetOpt = None,
+) -> None:
+    """Train a fold (resumable) into runs/<experiment>/fold_<k>/."""
+    cfg = load_config(config, set_ or [])
+    from tfpneumo.train import train as train_folds
+
+    typer.echo(train_folds(cfg, fold))
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()
 
