@@ -31,12 +31,12 @@ from tfpneumo import TfpneumoError
 FORMATS = ("relative", "standard")
 
 # Fast path: only ASCII digits and whitespace. Anything else goes to a slow per-token check that
-# names the first bad token.
+# names the first bad token. Tokens are split by str.split (any Unicode whitespace separates).
 _CLEAN = re.compile(r"[0-9\s]*", re.ASCII)
 _TOKEN = re.compile(r"[0-9]+", re.ASCII)
 # 19 digits may overflow int64; any such value is far past the end of any image anyway.
 _MAX_DIGITS = 18
-_TOO_LONG = re.compile(r"[0-9]{%d}" % (_MAX_DIGITS + 1), re.ASCII)
+_TOO_LONG = re.compile(rf"[0-9]{{{_MAX_DIGITS + 1}}}", re.ASCII)
 
 
 class RLEError(TfpneumoError):
@@ -71,13 +71,17 @@ def _parse(rle: str, fmt: str) -> np.ndarray:
     for i, token in enumerate(tokens, start=1):
         if _TOKEN.fullmatch(token):
             if len(token) > _MAX_DIGITS:
-                raise RLEError(f"malformed {fmt} RLE: number {i} ({token[:24]}...) is too large")
+                raise RLEError(
+                    f"malformed {fmt} RLE: token {i} ({token[:24]}...) is too large "
+                    f"(more than {_MAX_DIGITS} digits)"
+                )
             continue
         shown = repr(token if len(token) <= 24 else token[:24] + "...")
         if token.startswith("-") and _TOKEN.fullmatch(token[1:]):
-            raise RLEError(f"malformed {fmt} RLE: number {i} is negative ({shown})")
+            raise RLEError(f"malformed {fmt} RLE: token {i} is negative ({shown})")
         raise RLEError(f"malformed {fmt} RLE: token {i} ({shown}) is not a non-negative integer")
-    raise AssertionError("unreachable: a token failed the fast check but passed the slow one")
+    # Only non-ASCII whitespace (which str.split accepts) made the fast check fail.
+    return np.array(tokens, dtype=np.int64)
 
 
 def _runs(rle: str, height: int, width: int, fmt: str) -> tuple[np.ndarray, np.ndarray]:
@@ -228,18 +232,30 @@ def encode(mask: np.ndarray, fmt: str = "relative") -> str:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
     height = mask.shape[0]
     fg = mask != 0
-    # Only the band of columns holding foreground is transposed: masks are usually a small
-    # part of a 1024x1024 image and the full transpose dominated the encode time.
+    # Only the bounding box of the foreground is transposed: masks are usually a small part of
+    # a 1024x1024 image and the full transpose dominated the encode time.
     cols = np.flatnonzero(fg.any(axis=0))
     if cols.size == 0:
         return "-1"
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
-    band = fg[:, c0:c1].T.ravel()
-    # Padding with background on both sides makes a run at the first or last pixel produce
-    # both of its edges.
-    padded = np.concatenate(([False], band, [False]))
-    edges = np.flatnonzero(padded[1:] != padded[:-1]) + c0 * height
+    rows = np.flatnonzero(fg[:, c0:c1].any(axis=1))
+    r0, r1 = int(rows[0]), int(rows[-1]) + 1
+    # Each cropped column gets one background pixel above and below, so every run yields both
+    # of its edges: runs touching the first or last pixel (or the crop border) are kept.
+    box = np.zeros((c1 - c0, r1 - r0 + 2), dtype=bool)
+    box[:, 1:-1] = fg[r0:r1, c0:c1].T
+    flat = box.reshape(-1)
+    # A change between flat[e] and flat[e + 1] is a run edge at row e % (h + 2) of the crop
+    # (a start is the first set pixel, an end is one past the last).
+    col, row = np.divmod(np.flatnonzero(flat[1:] != flat[:-1]), r1 - r0 + 2)
+    edges = (col + c0) * height + (row + r0)
     starts, ends = edges[0::2], edges[1::2]
+    # The padding splits a run that crosses a column boundary (it ends on the last row and goes
+    # on at row 0 of the next column) into two touching runs: merge them back.
+    split = starts[1:] == ends[:-1]
+    if split.any():
+        starts = starts[np.concatenate(([True], ~split))]
+        ends = ends[np.concatenate((~split, [True]))]
     pairs = np.empty(2 * starts.size, dtype=np.int64)
     if fmt == "relative":
         pairs[0::2] = starts
