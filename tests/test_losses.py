@@ -1,0 +1,478 @@
+"""Losses: hand-worked values, independent numpy references, precision, graph/XLA, serialization."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tfpneumo.tfimport import quiet_tensorflow
+
+tf = quiet_tensorflow()
+import keras  # noqa: E402
+
+from tfpneumo import losses as L  # noqa: E402
+from tfpneumo.config import LossConfig  # noqa: E402
+
+EPS = 1e-7
+REPO = Path(__file__).resolve().parent.parent
+
+
+def as4d(values, shape=(2, 2)) -> np.ndarray:
+    """Flat pixel values -> one image ``(1, H, W, 1) float32``."""
+    return np.asarray(values, np.float32).reshape(1, *shape, 1)
+
+
+def f(x) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(x), np.float64)
+
+
+# ----------------------------------------------------------------------------- numpy references
+# Written from the definitions, per image with plain loops, in float64.
+
+def np_bce(t, p):
+    p = np.clip(p.astype(np.float64), EPS, 1 - EPS)
+    out = []
+    for ti, pi in zip(t.reshape(len(t), -1), p.reshape(len(p), -1), strict=True):
+        out.append(np.mean([-math.log(q) if y == 1 else -math.log(1 - q)
+                            for y, q in zip(ti, pi, strict=True)]))
+    return np.array(out)
+
+
+def np_dice_loss(t, p, s=1.0):
+    out = []
+    for ti, pi in zip(t.reshape(len(t), -1), p.reshape(len(p), -1).astype(np.float64),
+                      strict=True):
+        out.append(1 - (2 * np.dot(ti, pi) + s) / (ti.sum() + pi.sum() + s))
+    return np.array(out)
+
+
+def np_log_dice(t, p, gamma=0.3, s=1.0):
+    return (-np.log(1 - np_dice_loss(t, p, s))) ** gamma
+
+
+def np_focal(t, p, gamma=2.0, alpha=0.25):
+    # p_t / alpha_t formulation (RetinaNet paper), independent of the library's form.
+    p = np.clip(p.astype(np.float64), EPS, 1 - EPS).reshape(len(p), -1)
+    t = t.reshape(len(t), -1)
+    pt = np.where(t == 1, p, 1 - p)
+    at = np.where(t == 1, alpha, 1 - alpha)
+    return np.mean(-at * (1 - pt) ** gamma * np.log(pt), axis=1)
+
+
+def np_lovasz_grad(gt_sorted):
+    gts = gt_sorted.sum()
+    intersection = gts - np.cumsum(gt_sorted)
+    union = gts + np.cumsum(1 - gt_sorted)
+    jaccard = 1.0 - intersection / union
+    jaccard[1:] = jaccard[1:] - jaccard[:-1].copy()
+    return jaccard
+
+
+def np_lovasz(t, logits):
+    out = []
+    for ti, zi in zip(t.reshape(len(t), -1).astype(np.float64),
+                      logits.reshape(len(logits), -1).astype(np.float64), strict=True):
+        errors = 1.0 - zi * (2 * ti - 1)
+        perm = np.argsort(-errors, kind="stable")
+        out.append(np.dot(np.maximum(errors[perm], 0), np_lovasz_grad(ti[perm])))
+    return np.array(out)
+
+
+def np_logit(p):
+    p = np.clip(p.astype(np.float64), EPS, 1 - EPS)
+    return np.log(p / (1 - p))
+
+
+def np_ohem(t, p, ratio):
+    p = np.clip(p.astype(np.float64), EPS, 1 - EPS).reshape(len(p), -1)
+    t = t.reshape(len(t), -1)
+    pix = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+    k = int(np.ceil(ratio * pix.shape[1]))
+    return np.array([np.sort(row)[::-1][:k].mean() for row in pix])
+
+
+def np_combo(t, p, b=3.0, d=1.0, fo=4.0, lo=0.0):
+    return (b * np_bce(t, p) + d * np_dice_loss(t, p) + fo * np_focal(t, p)
+            + lo * np_lovasz(t, np_logit(p)))
+
+
+def random_batch(seed=0, batch=4, size=16):
+    """Truth: blobs, image 1 empty; probabilities in (0.01, 0.99), float32."""
+    rng = np.random.default_rng(seed)
+    t = np.zeros((batch, size, size, 1), np.float32)
+    for i in range(batch):
+        if i == 1:
+            continue
+        y, x = rng.integers(0, size - 5, 2)
+        h, w = rng.integers(2, 6, 2)
+        t[i, y:y + h, x:x + w] = 1
+    p = rng.uniform(0.01, 0.99, t.shape).astype(np.float32)
+    return t, p
+
+
+# ----------------------------------------------------------------------------- hand-worked values
+T1 = as4d([1, 0, 0, 0])
+P1 = as4d([0.8, 0.2, 0.1, 0.3])
+BCE1 = -(math.log(0.8) + math.log(0.8) + math.log(0.9) + math.log(0.7)) / 4
+DICE1 = 1 - (2 * 0.8 + 1) / (1 + 1.4 + 1)              # = 0.8 / 3.4
+FOCAL1 = (0.25 * 0.2 ** 2 * -math.log(0.8) + 0.75 * 0.2 ** 2 * -math.log(0.8)
+          + 0.75 * 0.1 ** 2 * -math.log(0.9) + 0.75 * 0.3 ** 2 * -math.log(0.7)) / 4
+
+
+def test_hand_worked_values():
+    assert f(L.bce(T1, P1)) == pytest.approx(BCE1, rel=1e-6)
+    assert f(L.dice_loss(T1, P1)) == pytest.approx(0.8 / 3.4, rel=1e-6)
+    assert f(L.log_dice_loss(T1, P1, gamma=0.3)) == pytest.approx(math.log(3.4 / 2.6) ** 0.3,
+                                                                  rel=1e-6)
+    assert f(L.focal_loss(T1, P1, gamma=2.0, alpha=0.25)) == pytest.approx(FOCAL1, rel=1e-6)
+    # OHEM with ratio 0.5 keeps the 2 hardest of 4 pixels: -log 0.7 and -log 0.8.
+    assert f(L.ohem_bce(T1, P1, ratio=0.5)) == pytest.approx(
+        -(math.log(0.7) + math.log(0.8)) / 2, rel=1e-6)
+    assert f(L.combo_loss(T1, P1)) == pytest.approx(3 * BCE1 + DICE1 + 4 * FOCAL1, rel=1e-6)
+
+
+def test_lovasz_hand_worked():
+    # errors = 1 - z*sign = [-1, 0.5, 1.5, -2]; sorted truths [0, 0, 1, 0];
+    # jaccard [1/2, 2/3, 1, 1] -> grad [1/2, 1/6, 1/3, 0]; loss = 1.5/2 + 0.5/6 = 5/6.
+    assert f(L.lovasz_hinge(T1, as4d([2.0, -0.5, 0.5, -3.0]))) == pytest.approx(5 / 6, rel=1e-6)
+    # Empty truth: jaccard is 1 from the first sorted pixel on -> relu(1 + max logit).
+    empty = np.zeros_like(T1)
+    assert f(L.lovasz_hinge(empty, as4d([-2.0, -1.0, 0.5, -3.0]))) == pytest.approx(1.5)
+    assert f(L.lovasz_hinge(empty, as4d([-2.0, -1.5, -1.0, -3.0]))) == 0.0
+    # Mean over images.
+    both = L.lovasz_hinge(np.concatenate([T1, empty]),
+                          np.concatenate([as4d([2.0, -0.5, 0.5, -3.0]),
+                                          as4d([-2.0, -1.0, 0.5, -3.0])]))
+    assert f(both) == pytest.approx((5 / 6 + 1.5) / 2, rel=1e-6)
+
+
+def test_perfect_prediction():
+    t = as4d([1, 1, 0, 0])
+    assert f(L.dice_loss(t, t)) == 0.0
+    assert f(L.log_dice_loss(t, t)) == 0.0
+    assert f(L.lovasz_hinge(t, 3.0 * (2 * t - 1))) == 0.0
+    assert f(L.lovasz_hinge(t, 1.0 * (2 * t - 1))) == 0.0  # |logit| = 1 is the hinge's edge
+    for fn in (L.bce, L.focal_loss, L.ohem_bce):
+        assert f(fn(t, t)) == pytest.approx(0.0, abs=2e-7)
+    # log-dice at dice == 1: zero gradient rather than the inf of x^0.3 at 0.
+    p = tf.Variable(t)
+    with tf.GradientTape() as tape:
+        loss = L.log_dice_loss(t, p)
+    assert np.all(np.isfinite(tape.gradient(loss, p).numpy()))
+
+
+def test_disjoint_prediction():
+    t, p = as4d([1, 1, 0, 0]), as4d([0, 0, 1, 1])
+    assert f(L.dice_loss(t, p)) == pytest.approx(1 - 1 / 5, rel=1e-6)
+    assert f(L.log_dice_loss(t, p, gamma=0.3)) == pytest.approx(math.log(5) ** 0.3, rel=1e-6)
+    # All errors tie at 3 and the Jaccard loss of "everything wrong" is 1 -> 3.
+    assert f(L.lovasz_hinge(t, 2.0 * (2 * p - 1))) == pytest.approx(3.0, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- random vs numpy
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_against_numpy_references(seed):
+    t, p = random_batch(seed)
+    z = np.random.default_rng(seed + 10).normal(0, 2, t.shape).astype(np.float32)
+    tol = dict(rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(f(L.bce_per_image(t, p)), np_bce(t, p), **tol)
+    np.testing.assert_allclose(f(L.dice_loss_per_image(t, p)), np_dice_loss(t, p), **tol)
+    np.testing.assert_allclose(f(L.log_dice_loss_per_image(t, p, 0.3)), np_log_dice(t, p),
+                               **tol)
+    np.testing.assert_allclose(f(L.focal_per_image(t, p, 2.0, 0.25)), np_focal(t, p), **tol)
+    np.testing.assert_allclose(f(L.lovasz_hinge_per_image(t, z)), np_lovasz(t, z), **tol)
+    np.testing.assert_allclose(f(L.lovasz_hinge_prob_per_image(t, p)),
+                               np_lovasz(t, np_logit(p)), **tol)
+    np.testing.assert_allclose(f(L.ohem_bce_per_image(t, p, 0.25)), np_ohem(t, p, 0.25), **tol)
+    np.testing.assert_allclose(f(L.combo_per_image(t, p, 3, 1, 4, 0.5)),
+                               np_combo(t, p, 3, 1, 4, 0.5), **tol)
+    assert f(L.lovasz_hinge(t, z)) == pytest.approx(np_lovasz(t, z).mean(), rel=1e-5)
+
+
+def test_ohem_k():
+    assert L.ohem_k(30, 0.1) == 3            # 0.1 * 30 = 3.0000000000000004 in floats
+    assert L.ohem_k(4, 0.1) == 1
+    assert L.ohem_k(10, 0.25) == 3
+    assert L.ohem_k(7, 1.0) == 7
+
+
+def test_loss_classes_reduce_to_mean_over_images():
+    t, p = random_batch(3)
+    cases = [
+        (L.BCELoss(), np_bce(t, p)),
+        (L.DiceLoss(), np_dice_loss(t, p)),
+        (L.LogDiceLoss(gamma=0.5), np_log_dice(t, p, 0.5)),
+        (L.FocalLoss(gamma=1.5, alpha=0.4), np_focal(t, p, 1.5, 0.4)),
+        (L.LovaszHingeLoss(), np_lovasz(t, np_logit(p))),
+        (L.OHEMBCELoss(ratio=0.5), np_ohem(t, p, 0.5)),
+        (L.ComboLoss(1, 2, 3, 4), np_combo(t, p, 1, 2, 3, 4)),
+        (L.MaskLoss("dice", positives_only=False), np_dice_loss(t, p)),
+    ]
+    for loss, expected in cases:
+        assert f(loss(t, p)) == pytest.approx(expected.mean(), rel=1e-5), loss.name
+    # Keras' sum_over_batch_size with per-image weights: sum(w_i l_i) / B.
+    w = np.array([1.0, 0.0, 2.0, 0.0], np.float32)
+    assert f(L.BCELoss()(t, p, sample_weight=w)) == pytest.approx(
+        (np_bce(t, p) * w).sum() / 4, rel=1e-5)
+
+
+def test_label_loss_shape():
+    y = np.array([[1.0], [0.0], [1.0]], np.float32)
+    q = np.array([[0.9], [0.2], [0.4]], np.float32)
+    expected = -(math.log(0.9) + math.log(0.8) + math.log(0.4)) / 3
+    assert f(L.BCELoss()(y, q)) == pytest.approx(expected, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def test_lovasz_gradient_finite_with_ties_and_empty_images():
+    t, _ = random_batch(4)
+    z = tf.Variable(np.round(np.random.default_rng(4).normal(0, 1, t.shape)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = L.lovasz_hinge(t, z)
+    g = tape.gradient(loss, z).numpy()
+    assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+
+
+@pytest.mark.parametrize("kind", L.MASK_KINDS)
+def test_mask_loss_gradients_finite(kind):
+    t, p = random_batch(5)
+    p[0, :4] = 1.0  # saturated sigmoid outputs
+    p[2, :4] = 0.0
+    var = tf.Variable(p)
+    with tf.GradientTape() as tape:
+        loss = L.MaskLoss(kind, combo_lovasz=1.0)(t, var)
+    g = tape.gradient(loss, var).numpy()
+    assert np.isfinite(f(loss)) and np.all(np.isfinite(g))
+
+
+# ----------------------------------------------------------------------------- positives only
+
+@pytest.mark.parametrize("kind", L.MASK_KINDS)
+def test_positives_only_ignores_empty_images(kind):
+    t, p = random_batch(6, batch=4)
+    positive = t.reshape(4, -1).max(axis=1) > 0
+    assert positive.tolist() == [True, False, True, True]
+    loss = L.MaskLoss(kind, positives_only=True)
+    pos_only = f(loss(t[positive], p[positive]))
+    fn = L.mask_loss_function(kind)
+    assert pos_only == pytest.approx(f(fn(t[positive], p[positive])).mean(), rel=1e-6)
+    # Adding empty-truth images (anywhere in the batch) changes nothing.
+    rng = np.random.default_rng(0)
+    t_big = np.concatenate([np.zeros_like(t[:3]), t, np.zeros_like(t[:2])])
+    p_big = np.concatenate([rng.uniform(size=t[:3].shape), p,
+                            rng.uniform(size=t[:2].shape)]).astype(np.float32)
+    assert f(loss(t_big, p_big)) == pytest.approx(pos_only, rel=1e-6)
+    # ...and their predictions get no gradient.
+    var = tf.Variable(p_big)
+    with tf.GradientTape() as tape:
+        value = loss(t_big, var)
+    g = tape.gradient(value, var).numpy()
+    empty = t_big.reshape(len(t_big), -1).max(axis=1) == 0
+    assert np.all(g[empty] == 0) and np.abs(g[~empty]).sum() > 0
+
+
+def test_all_empty_batch_gives_zero():
+    t = np.zeros((3, 8, 8, 1), np.float32)
+    p = tf.Variable(np.random.default_rng(0).uniform(size=t.shape).astype(np.float32))
+    for kind in L.MASK_KINDS:
+        with tf.GradientTape() as tape:
+            value = L.MaskLoss(kind)(t, p)
+        g = tape.gradient(value, p)
+        assert f(value) == 0.0
+        assert g is None or np.all(g.numpy() == 0)
+    # Without positives_only the same batch has a positive loss.
+    assert f(L.MaskLoss("combo", positives_only=False)(t, p)) > 0
+
+
+# ----------------------------------------------------------------------------- precision
+
+@pytest.mark.parametrize("dtype,rtol", [("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_half_precision_1024_maps_do_not_overflow(dtype, rtol):
+    rng = np.random.default_rng(7)
+    t = np.zeros((1, 1024, 1024, 1), np.float32)
+    t[0, 300:700, 200:500] = 1  # 120k pixels: a float16 sum would overflow at 65504
+    p = np.clip(t * 0.9 + rng.uniform(0, 0.1, t.shape), 0, 1).astype(np.float32)
+    t_half = tf.cast(t, dtype)
+    p_half = tf.cast(p, dtype)
+    for kind in L.MASK_KINDS:
+        fn = L.mask_loss_function(kind)
+        half = f(fn(t_half, p_half))
+        full = f(fn(t, p))
+        assert np.all(np.isfinite(half)), kind
+        np.testing.assert_allclose(half, full, rtol=rtol, atol=1e-3, err_msg=kind)
+    value = f(L.MaskLoss("combo")(t_half, p_half))
+    assert np.isfinite(value) and value == pytest.approx(f(L.MaskLoss("combo")(t, p)), rel=rtol)
+
+
+# ----------------------------------------------------------------------------- graph / XLA
+
+def test_graph_xla_and_dynamic_shapes():
+    t, p = random_batch(8)
+    z = np_logit(p).astype(np.float32)
+    loss = L.MaskLoss("combo", combo_lovasz=1.0)
+    eager = (f(L.lovasz_hinge(t, z)), f(L.ohem_bce(t, p, 0.1)), f(loss(t, p)))
+
+    def all_three(tt, pp, zz):
+        return L.lovasz_hinge(tt, zz), L.ohem_bce(tt, pp, 0.1), loss(tt, pp)
+
+    xla = tf.function(all_three, jit_compile=True)(t, p, z)
+    spec = tf.TensorSpec((None, None, None, 1), tf.float32)
+    dynamic = tf.function(all_three, input_signature=[spec, spec, spec])(t, p, z)
+    for got in (xla, dynamic):
+        np.testing.assert_allclose([f(v) for v in got], eager, rtol=1e-5)
+
+
+# ----------------------------------------------------------------- build / serialization
+
+def test_build_losses_from_config():
+    cfg = LossConfig(mask="focal", focal_gamma=1.0, focal_alpha=0.5, mask_weight=2.0,
+                     label_weight=0.25, mask_positives_only=False)
+    losses, weights = L.build_losses(cfg)
+    assert weights == {"mask": 2.0, "label": 0.25}
+    assert isinstance(losses["mask"], L.MaskLoss) and isinstance(losses["label"], L.BCELoss)
+    t, p = random_batch(9)
+    assert f(losses["mask"](t, p)) == pytest.approx(np_focal(t, p, 1.0, 0.5).mean(), rel=1e-5)
+    default_mask, _ = L.build_losses(LossConfig())
+    assert default_mask["mask"].get_config()["kind"] == "combo"
+    assert default_mask["mask"].positives_only is True
+
+
+def test_invalid_parameters_raise():
+    with pytest.raises(L.LossError, match="not one of"):
+        L.MaskLoss("jaccard")
+    with pytest.raises(L.LossError, match="weights"):
+        L.ComboLoss(0, 0, 0, 0)
+    with pytest.raises(L.LossError, match="ratio"):
+        L.OHEMBCELoss(ratio=0.0)
+
+
+ALL_LOSSES = [
+    L.BCELoss(epsilon=1e-6, name="b"),
+    L.DiceLoss(smooth=0.5),
+    L.LogDiceLoss(gamma=0.7, smooth=2.0),
+    L.FocalLoss(gamma=1.0, alpha=0.6),
+    L.LovaszHingeLoss(epsilon=1e-5),
+    L.OHEMBCELoss(ratio=0.3),
+    L.ComboLoss(1.0, 2.0, 0.0, 1.0, focal_gamma=3.0),
+    L.MaskLoss("log_dice", positives_only=False, log_dice_gamma=0.5),
+    L.MaskLoss("combo", combo_lovasz=0.5, name="mask_loss"),
+]
+
+
+@pytest.mark.parametrize("loss", ALL_LOSSES, ids=lambda x: x.name)
+def test_loss_serialization_round_trip(loss):
+    t, p = random_batch(11)
+    config = loss.get_config()
+    clone = type(loss).from_config(config)
+    assert clone.get_config() == config
+    serialized = keras.saving.serialize_keras_object(loss)
+    restored = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
+    assert type(restored) is type(loss) and restored.get_config() == config
+    assert f(restored(t, p)) == pytest.approx(f(loss(t, p)), rel=1e-6)
+
+
+def tiny_model(size: int = 32) -> keras.Model:
+    inputs = keras.Input((size, size, 3), name="image")
+    mask = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="mask")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(mask)
+    label = keras.layers.Dense(1, activation="sigmoid", name="label")(pooled)
+    return keras.Model(inputs, {"mask": mask, "label": label})
+
+
+def tiny_data(n: int = 4, size: int = 32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, size, size, 3)).astype(np.float32)
+    masks = np.zeros((n, size, size, 1), np.float32)
+    masks[0, 4:12, 5:20] = 1
+    masks[2, 10:30, 3:9] = 1
+    labels = (masks.reshape(n, -1).max(axis=1, keepdims=True) > 0).astype(np.float32)
+    return x, {"mask": masks, "label": labels}
+
+
+def test_compile_fit_save_load(tmp_path):
+    from tfpneumo.metrics import dice_metrics
+
+    keras.utils.set_random_seed(0)
+    model = tiny_model()
+    losses, weights = L.build_losses(LossConfig(combo_lovasz=0.5))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses, loss_weights=weights,
+                  metrics={"mask": dice_metrics((0.3, 0.5))})
+    x, y = tiny_data()
+    history = model.fit(x, y, batch_size=2, epochs=1, validation_data=(x, y), verbose=0)
+    logs = history.history
+    assert {"mask_loss", "label_loss", "mask_dice@0.3", "val_mask_dice@0.5"} <= set(logs)
+    assert all(np.isfinite(v[0]) for v in logs.values())
+    path = tmp_path / "tiny.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    before = model.evaluate(x, y, batch_size=2, verbose=0, return_dict=True)
+    after = loaded.evaluate(x, y, batch_size=2, verbose=0, return_dict=True)
+    assert set(before) == set(after)
+    for key, value in before.items():
+        assert after[key] == pytest.approx(value, rel=1e-5), key
+
+
+# ----------------------------------------------------------------------------- tf.distribute
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from tfpneumo.tfimport import quiet_tensorflow
+    tf = quiet_tensorflow()
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    import keras
+    from tfpneumo import losses as L
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(4, 16, 16, 3)).astype(np.float32)
+    masks = np.zeros((4, 16, 16, 1), np.float32)
+    # Replica 0 gets images 0-1 (two positives), replica 1 gets 2-3 (one positive): a
+    # per-replica mean would weigh image 2 twice as much as images 0 and 1.
+    masks[0, 2:8, 2:9] = 1
+    masks[1, 5:14, 6:10] = 1
+    masks[2, 1:4, 1:12] = 1
+    labels = (masks.reshape(4, -1).max(axis=1, keepdims=True) > 0).astype(np.float32)
+    y = {"mask": masks, "label": labels}
+
+    def step(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(1)
+            inputs = keras.Input((16, 16, 3))
+            mask = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid",
+                                       name="mask")(inputs)
+            label = keras.layers.Dense(1, activation="sigmoid", name="label")(
+                keras.layers.GlobalAveragePooling2D()(mask))
+            model = keras.Model(inputs, {"mask": mask, "label": label})
+            start = [w.copy() for w in model.get_weights()]
+            model.compile(optimizer=keras.optimizers.SGD(1.0),
+                          loss={"mask": L.MaskLoss("combo", combo_lovasz=1.0),
+                                "label": L.BCELoss()},
+                          loss_weights={"mask": 1.0, "label": 0.5})
+        model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        return [w - s for w, s in zip(model.get_weights(), start)]
+
+    single = step(tf.distribute.get_strategy())
+    mirrored = step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    for a, b in zip(single, mirrored):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+    print("OK", max(float(np.abs(a).max()) for a in single))
+""")
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_matches_single_device():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "OK" in result.stdout
