@@ -1,0 +1,309 @@
+"""Tests of the synthetic SIIM-layout dataset generator (tfpneumo.data.synth)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from tfpneumo import TfpneumoError
+from tfpneumo.data import rle, synth
+from tfpneumo.data.synth import SynthError, synthesize
+
+pydicom = pytest.importorskip("pydicom")
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+N_TRAIN, N_TEST, SIZE = 12, 3, 128
+
+
+def _read(path: Path):
+    with warnings.catch_warnings():
+        # PatientAge is stored like the real files ("38", not "038Y"); pydicom warns.
+        warnings.simplefilter("ignore", UserWarning)
+        ds = pydicom.dcmread(path)
+        _ = ds.PatientAge
+    return ds
+
+
+def _labels(root: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """(header, {ImageId: [EncodedPixels rows]}) of a train-rle.csv, in file order."""
+    with open(root / "train-rle.csv", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows: dict[str, list[str]] = {}
+        for image_id, value in reader:
+            rows.setdefault(image_id, []).append(value)
+    return header, rows
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    summary = synthesize(out, n_train=N_TRAIN, n_test=N_TEST, size=SIZE, positive_rate=0.5,
+                         seed=3)
+    assert summary.startswith(f"wrote {N_TRAIN} train (") and summary.endswith(f"to {out}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def larger(tmp_path_factory) -> Path:
+    """60 tiny images: enough for rates and multi-row annotations."""
+    out = tmp_path_factory.mktemp("synth60") / "data"
+    synthesize(out, n_train=60, n_test=1, size=64, positive_rate=0.3, seed=11)
+    return out
+
+
+def test_layout_is_siim(small: Path):
+    train = sorted((small / "dicom-images-train").rglob("*.dcm"))
+    test = sorted((small / "dicom-images-test").rglob("*.dcm"))
+    assert len(train) == N_TRAIN and len(test) == N_TEST
+    for path in train + test:
+        # <root>/<study>/<series>/<sop>.dcm
+        assert len(path.relative_to(small).parts) == 4
+    assert sorted(p.name for p in small.iterdir()) == [
+        "dicom-images-test", "dicom-images-train", "sample_submission.csv", "train-rle.csv"]
+    # Written in a temporary sibling and renamed: nothing else is left next to it.
+    assert [p.name for p in small.parent.iterdir()] == ["data"]
+
+
+def test_csv_format(small: Path):
+    raw = (small / "train-rle.csv").read_bytes()
+    assert raw.startswith(b"ImageId, EncodedPixels\n")
+    assert b"\r" not in raw and b'"' not in raw
+    header, rows = _labels(small)
+    sops = {p.stem for p in (small / "dicom-images-train").rglob("*.dcm")}
+    assert set(rows) == sops
+    for values in rows.values():
+        if values == ["-1"]:
+            continue
+        for v in values:
+            assert v != "-1" and v == v.strip()
+            assert rle.decode(v, (SIZE, SIZE)).any()
+    sub = (small / "sample_submission.csv").read_text().splitlines()
+    assert sub[0] == "ImageId,EncodedPixels"
+    assert {line.split(",")[0] for line in sub[1:]} == {
+        p.stem for p in (small / "dicom-images-test").rglob("*.dcm")}
+    assert all(line.endswith(",-1") for line in sub[1:])
+
+
+def test_csv_headers_match_real(small: Path, siim_mini: Path):
+    for name in ("train-rle.csv", "sample_submission.csv"):
+        real_first = (siim_mini / name).read_bytes().split(b"\n", 1)[0]
+        ours_first = (small / name).read_bytes().split(b"\n", 1)[0]
+        assert ours_first == real_first
+    # Negative rows are formatted like the real ones.
+    real_values = {line.split(b",")[1] for line in
+                   (siim_mini / "train-rle.csv").read_bytes().splitlines()[1:]}
+    assert b"-1" in real_values
+    ours = (small / "train-rle.csv").read_bytes().splitlines()[1:]
+    assert any(line.endswith(b",-1") for line in ours)
+
+
+def test_dicom_tags_and_pixels(small: Path):
+    for path in sorted(small.rglob("*.dcm")):
+        ds = _read(path)
+        assert ds.file_meta.TransferSyntaxUID == JPEG_BASELINE
+        assert ds.SOPClassUID == SECONDARY_CAPTURE
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert path.stem == ds.SOPInstanceUID
+        assert path.parent.name == ds.SeriesInstanceUID
+        assert path.parent.parent.name == ds.StudyInstanceUID
+        for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID):
+            assert pydicom.uid.UID(uid).is_valid, uid
+        assert ds.Modality == "CR" and ds.BodyPartExamined == "CHEST"
+        assert ds.PhotometricInterpretation == "MONOCHROME2"
+        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (8, 8, 7)
+        assert (ds.SamplesPerPixel, ds.PixelRepresentation) == (1, 0)
+        assert (ds.Rows, ds.Columns) == (SIZE, SIZE)
+        assert ds.PatientSex in ("M", "F")
+        assert ds.PatientAge.isdigit() and 18 <= int(ds.PatientAge) < 90
+        assert ds.ViewPosition in ("PA", "AP")
+        assert ds.SeriesDescription == f"view: {ds.ViewPosition}"
+        assert ds.PatientID and ds.PatientName == ds.PatientID
+        # Encapsulated baseline JPEG (SOF0 marker) that pydicom + pillow decode.
+        assert ds["PixelData"].is_undefined_length
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        assert frame[:2] == b"\xff\xd8" and b"\xff\xc0" in frame
+        pixels = ds.pixel_array
+        assert pixels.shape == (SIZE, SIZE) and pixels.dtype == np.uint8
+        assert 20 < pixels.mean() < 235 and pixels.std() > 20
+
+
+def test_tags_cover_the_real_ones(small: Path, siim_mini: Path):
+    real = _read(next((siim_mini / "dicom-images-train").rglob("*.dcm")))
+    ours = _read(next((small / "dicom-images-train").rglob("*.dcm")))
+    real_tags = {e.keyword for e in real} | {e.keyword for e in real.file_meta}
+    our_tags = {e.keyword for e in ours} | {e.keyword for e in ours.file_meta}
+    # Every tag of the real file is present (values differ: UIDs, implementation name).
+    assert real_tags - our_tags == set()
+    for kw in ("SpecificCharacterSet", "StudyDate", "ConversionType", "LossyImageCompression",
+               "LossyImageCompressionMethod", "SeriesNumber", "InstanceNumber"):
+        assert ours[kw].value == real[kw].value, kw
+
+
+def test_positive_rate_and_multi_row(larger: Path):
+    _, rows = _labels(larger)
+    positives = [v for v in rows.values() if v != ["-1"]]
+    # Binomial(60, 0.3): mean 18, sd 3.5; this seed is fixed, the bounds are +-4 sd.
+    assert 4 <= len(positives) <= 32
+    assert any(len(v) >= 2 for v in positives)
+    patients = [_read(p).PatientID for p in (larger / "dicom-images-train").rglob("*.dcm")]
+    assert len(set(patients)) < len(patients)  # some patients have several films
+
+
+def test_masks_inside_lungs_and_darker():
+    """Masks lie in the lung field, and the image is darker inside them than around them."""
+    darker = []
+    for i in range(8):
+        r = synth._render(synth._image_rng(5, 1, i), 256, True, None)
+        assert r.rows and all(m.dtype == np.uint8 and m.any() for m in r.rows)
+        mask = np.logical_or.reduce([m.astype(bool) for m in r.rows])
+        assert 0.002 < mask.mean() < 0.2
+        lung = r.lung_field > 0
+        assert lung[mask].mean() > 0.97
+        # Adjacent lung: a 7-pixel band around the mask, inside the lung.
+        grown = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(
+            ImageFilter.MaxFilter(15))) > 0
+        ring = grown & ~mask & lung
+        img = r.image.astype(np.float64)
+        darker.append(img[ring].mean() - img[mask].mean())
+    # Small apical regions under a clavicle can be on par with their surroundings.
+    assert np.mean(np.array(darker) > 0) >= 0.75 and np.mean(darker) > 10
+
+
+def test_negatives_have_no_rows():
+    r = synth._render(synth._image_rng(5, 1, 0), 128, False, None)
+    assert r.rows == [] and r.image.shape == (128, 128) and r.image.dtype == np.uint8
+
+
+def test_brightness_threshold_does_not_solve_it():
+    """The best single intensity threshold (either polarity) gives a poor pooled Dice."""
+    images, masks = [], []
+    for i in range(10):
+        r = synth._render(synth._image_rng(9, 1, i), 256, True, None)
+        images.append(r.image)
+        masks.append(np.logical_or.reduce([m.astype(bool) for m in r.rows]))
+    img, gt = np.stack(images).astype(np.int16), np.stack(masks)
+    best = 0.0
+    for t in range(256):
+        for pred in (img < t, img >= t):
+            best = max(best, 2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
+    assert best < 0.3
+
+
+def test_same_seed_same_bytes_and_prefix_stable(tmp_path: Path):
+    kw = dict(n_test=2, size=64, positive_rate=0.5)
+    synthesize(tmp_path / "a", n_train=5, seed=4, **kw)
+    synthesize(tmp_path / "b", n_train=5, seed=4, **kw)
+    synthesize(tmp_path / "c", n_train=5, seed=5, **kw)
+    synthesize(tmp_path / "d", n_train=3, seed=4, **kw)
+    a, b, c, d = (_hashes(tmp_path / x) for x in "abcd")
+    assert a == b and len(a) == 5 + 2 + 2
+    dicoms = [k for k in a if k.endswith(".dcm")]
+    assert not set(a.values()) & set(c.values())
+    # Image i does not depend on n_train.
+    assert {k: d[k] for k in d if k.endswith(".dcm")} == {
+        k: a[k] for k in dicoms if k in d}
+    assert sum(k.endswith(".dcm") for k in d) == 3 + 2
+
+
+def test_masks_from_uses_real_shapes(tmp_path: Path, siim_mini: Path):
+    labels = siim_mini / "train-rle.csv"
+    size = 256
+    real: dict[str, list[np.ndarray]] = {}
+    for image_id, rles in synth._load_real_masks(labels):
+        # Independent resize: PIL nearest on each decoded 1024 mask.
+        real[image_id] = [np.asarray(Image.fromarray(rle.decode(v) * 255).resize(
+            (size, size), Image.NEAREST)) > 0 for v in rles]
+    out = tmp_path / "data"
+    synthesize(out, n_train=8, n_test=0, size=size, positive_rate=0.6, seed=2,
+               masks_from=labels)
+    _, rows = _labels(out)
+    positives = [v for v in rows.values() if v != ["-1"]]
+    assert positives
+    for values in positives:
+        ours = [rle.decode(v, (size, size)).astype(bool) for v in values]
+        assert any(len(shapes) == len(ours) and all(
+            (s == o).all() for s, o in zip(shapes, ours, strict=True))
+            for shapes in real.values() if len(shapes) == len(ours)), "not a real shape"
+
+
+def test_masks_from_gzip_stage2(siim_dir: Path):
+    real = synth._load_real_masks(siim_dir / "stage_2_train.csv.gz")
+    assert len(real) > 2000 and all(rles for _, rles in real)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_train=0), "n_train"),
+    (dict(n_test=-1), "n_test"),
+    (dict(size=32), "size"),
+    (dict(size=100.5), "size"),
+    (dict(positive_rate=0.0), "positive_rate"),
+    (dict(positive_rate=1.0), "positive_rate"),
+    (dict(seed=-1), "seed"),
+])
+def test_bad_arguments(tmp_path: Path, kwargs, match):
+    with pytest.raises(SynthError, match=match) as info:
+        synthesize(tmp_path / "out", **{"n_train": 2, "n_test": 0, "size": 64, **kwargs})
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, TfpneumoError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_non_empty_out_but_accepts_empty(tmp_path: Path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(SynthError, match="not empty"):
+        synthesize(tmp_path / "full", n_train=1, n_test=0, size=64)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SynthError, match="not a folder"):
+        synthesize(tmp_path / "file", n_train=1, n_test=0, size=64)
+    (tmp_path / "empty").mkdir()
+    synthesize(tmp_path / "empty", n_train=1, n_test=0, size=64)
+    assert (tmp_path / "empty" / "train-rle.csv").exists()
+
+
+def test_bad_masks_from(tmp_path: Path):
+    with pytest.raises(SynthError, match="not found"):
+        synthesize(tmp_path / "o", n_train=1, size=64, masks_from=tmp_path / "missing.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,mask\n1.2.3,-1\n")
+    with pytest.raises(SynthError, match="header"):
+        synthesize(tmp_path / "o", n_train=1, size=64, masks_from=bad)
+    empty = tmp_path / "neg.csv"
+    empty.write_text("ImageId, EncodedPixels\n1.2.3,-1\n")
+    with pytest.raises(SynthError, match="no positive"):
+        synthesize(tmp_path / "o", n_train=1, size=64, masks_from=empty)
+    broken = tmp_path / "broken.csv"
+    broken.write_text("ImageId, EncodedPixels\n1.2.3, 5 2 7\n")
+    with pytest.raises(SynthError, match="1.2.3"):
+        synthesize(tmp_path / "o", n_train=4, size=64, positive_rate=0.9, masks_from=broken)
+    assert not (tmp_path / "o").exists()
+
+
+def test_failure_leaves_nothing(tmp_path: Path, monkeypatch):
+    calls = []
+    real_write = synth._write_dicom
+
+    def failing(path, image, meta):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real_write(path, image, meta)
+
+    monkeypatch.setattr(synth, "_write_dicom", failing)
+    with pytest.raises(OSError, match="disk full"):
+        synthesize(tmp_path / "out", n_train=5, n_test=0, size=64)
+    assert list(tmp_path.iterdir()) == []
