@@ -1,0 +1,301 @@
+"""tf.data builders over the TFRecord cache: training (augmented, positive-rate schedule) and
+evaluation (full resolution, deterministic, ids kept).
+
+Training stream, per class (positives and negatives read from separate shard lists)::
+
+    TFRecordDataset(shuffled files, parallel reads) -> parse -> [cache()] -> shuffle -> repeat
+
+then ``sample_from_datasets`` with a weights *dataset* that follows the positive-rate schedule
+(element i belongs to epoch ``initial_epoch + i // (steps_per_epoch * batch)``), then
+augmentation (:mod:`tfpneumo.data.augment`, one resampling pass, stateless seeds) and
+``batch(drop_remainder=True)``. With no schedule (rates null) all shards form one stream in
+their natural class ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from tfpneumo import TfpneumoError
+from tfpneumo.config import Config
+from tfpneumo.data import records
+from tfpneumo.data.augment import augment_batch, normalize
+
+__all__ = ["PipelineError", "count_images", "eval_dataset", "normalize", "positive_rate",
+           "train_dataset"]
+
+AUTOTUNE = -1
+
+
+class PipelineError(TfpneumoError):
+    """The cache cannot feed the requested split or fold."""
+
+
+def _tf():
+    from tfpneumo.tfimport import quiet_tensorflow
+
+    return quiet_tensorflow()
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def positive_rate(epoch: int, epochs: int, start: float, end: float) -> float:
+    """Share of positives in epoch ``epoch`` (0-based): linear from ``start`` at epoch 0 to
+    ``end`` at epoch ``epochs - 1``; clamped outside; ``start`` when ``epochs <= 1``."""
+    if epochs <= 1:
+        return float(start)
+    t = min(max(epoch, 0), epochs - 1) / (epochs - 1)
+    return float(start + (end - start) * t)
+
+
+def _sidecar_ids(shard: str | Path) -> list[str]:
+    side = records.sidecar_path(Path(shard))
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{side}: cannot read shard sidecar ({e.__class__.__name__})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("ids"), list):
+        raise PipelineError(f"{side}: shard sidecar has no 'ids' list")
+    return data["ids"]
+
+
+def count_images(cache: str | Path, split: str = "train", folds: set[int] | None = None,
+                 positive: bool | None = None) -> int:
+    """Number of images in the complete shards of ``split`` (from the sidecars' ``ids``).
+
+    ``folds`` and ``positive`` filter training shards as in :func:`records.list_shards`.
+    """
+    _check_split(split, ("train", "test"))
+    shards = records.list_shards(cache, split, folds=folds, positive=positive)
+    return sum(len(_sidecar_ids(s)) for s in shards)
+
+
+def _check_split(split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise PipelineError(f"split {split!r}: expected one of {list(allowed)}")
+
+
+def _train_folds(cache: Path) -> list[int]:
+    folds = set()
+    for shard in records.list_shards(cache, "train"):
+        m = records.SHARD_RE.match(Path(shard).name)
+        folds.add(int(m.group("fold")))
+    return sorted(folds)
+
+
+def _cached_size(shard: str) -> int:
+    """Side C of the cached images, read from the first record of ``shard``."""
+    tf = _tf()
+    spec = {k: v for k, v in records.feature_spec().items() if k in ("height", "width")}
+    for raw in tf.data.TFRecordDataset(shard).take(1):
+        ex = tf.io.parse_single_example(raw, spec)
+        height, width = int(ex["height"]), int(ex["width"])
+        if height != width:
+            raise PipelineError(f"{shard}: cached images must be square, got {height}x{width}")
+        return height
+    raise PipelineError(f"{shard}: shard has no records")
+
+
+def _parse_train(size: int):
+    """Record -> (image (C, C, 1) uint8, mask (C, C, 1) uint8, label (1,) float32)."""
+    tf = _tf()
+
+    def parse(serialized):
+        ex = records.parse_example(serialized)
+        image = tf.ensure_shape(ex["image"], [size, size, 1])
+        mask = tf.ensure_shape(ex["mask"], [size, size, 1])
+        label = tf.reshape(tf.cast(ex["has_mask"], tf.float32), [1])
+        return image, mask, label
+
+    return parse
+
+
+def _class_stream(files: list[str], size: int, cfg: Config, use_cache: bool,
+                  seed: np.random.SeedSequence):
+    """One class (or all shards): shuffled files -> parse -> [cache] -> shuffle -> repeat."""
+    tf = _tf()
+    file_seed, shuffle_seed = (int(s) for s in seed.generate_state(2))
+    order = np.random.default_rng(file_seed).permutation(len(files))
+    ds = tf.data.TFRecordDataset([files[i] for i in order], num_parallel_reads=AUTOTUNE)
+    ds = ds.map(_parse_train(size), num_parallel_calls=AUTOTUNE)
+    if use_cache:
+        ds = ds.cache()
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.repeat()
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
+                  global_batch_size: int | None = None, epochs: int,
+                  steps_per_epoch: int | None = None, seed: int | None = None,
+                  initial_epoch: int = 0, vectorize: bool = True):
+    """Infinite augmented training batches and the number of steps per epoch.
+
+    Args:
+        cache: folder written by ``tfpneumo prepare``.
+        fold: validation fold, excluded from training; -1 trains on all folds.
+        cfg: uses ``cfg.data`` and ``cfg.augment``.
+        global_batch_size: batch over all replicas (default ``cfg.data.batch_size``).
+        epochs: total epochs of the run (sets the positive-rate schedule).
+        steps_per_epoch: default = training images // global batch (at least 1).
+        seed: reproducible stream (default ``cfg.seed``); mixed with ``initial_epoch`` so a
+            resumed run does not replay epoch 0's draws.
+        initial_epoch: epoch the stream starts at (resume); the schedule starts there.
+        vectorize: augment whole batches (True, faster) or single images (False).
+
+    Returns:
+        ``(dataset, steps_per_epoch)``; elements ``(images, {"mask": masks, "label": labels})``
+        with images ``(B, S, S, 3)`` float32 ImageNet-normalised, masks ``(B, S, S, 1)``
+        float32 0/1, labels ``(B, 1)`` float32 (has_mask), S = ``cfg.data.image_size``.
+    """
+    tf = _tf()
+    cache = Path(cache)
+    data = cfg.data
+    batch = int(global_batch_size or data.batch_size)
+    if batch < 1:
+        raise PipelineError(f"global_batch_size {batch}: must be >= 1")
+    if epochs < 1:
+        raise PipelineError(f"epochs {epochs}: must be >= 1")
+    folds = _train_folds(cache)
+    if not folds:
+        raise PipelineError(f"{cache}: no complete training shards (train-f*-*.tfrecord + .json)")
+    if fold != -1 and fold not in folds:
+        raise PipelineError(f"{cache}: fold {fold} not in the cache's folds {folds} (or -1)")
+    train_folds = {f for f in folds if f != fold}
+    if not train_folds:
+        raise PipelineError(f"{cache}: fold {fold} is the only fold; nothing left to train on")
+
+    pos = records.list_shards(cache, "train", folds=train_folds, positive=True)
+    neg = records.list_shards(cache, "train", folds=train_folds, positive=False)
+    n_pos = sum(len(_sidecar_ids(s)) for s in pos)
+    n_neg = sum(len(_sidecar_ids(s)) for s in neg)
+    n_images = n_pos + n_neg
+    if n_images == 0:
+        raise PipelineError(f"{cache}: training shards of folds {sorted(train_folds)} are empty")
+    if steps_per_epoch is None:
+        steps_per_epoch = max(1, n_images // batch)
+    size = _cached_size((pos if n_pos else neg)[0])
+
+    budget = data.memory_budget_gb * 1e9
+    use_cache = data.cache_in_memory == "always" or (
+        data.cache_in_memory == "auto" and n_images * size * size * 2 < budget)
+
+    base = np.random.SeedSequence([(cfg.seed if seed is None else int(seed)) % 2**63,
+                                   max(int(initial_epoch), 0)])
+    s_pos, s_neg, s_all, s_mix, s_aug = base.spawn(5)
+
+    start, end = data.positive_rate_start, data.positive_rate_end
+    if start is None or end is None:
+        ds = _class_stream(pos + neg, size, cfg, use_cache, s_all)
+    elif n_pos == 0 or n_neg == 0:
+        missing = "positive" if n_pos == 0 else "negative"
+        warnings.warn(f"{cache}: no {missing} training images in folds {sorted(train_folds)}; "
+                      "positive-rate schedule ignored", stacklevel=2)
+        ds = _class_stream(pos + neg, size, cfg, use_cache, s_all)
+    else:
+        rates = tf.constant([positive_rate(e, epochs, start, end) for e in range(epochs)],
+                            tf.float32)
+        per_epoch = tf.constant(steps_per_epoch * batch, tf.int64)
+
+        def weights_of(i):
+            epoch = tf.minimum(initial_epoch + i // per_epoch, epochs - 1)
+            rate = tf.gather(rates, epoch)
+            return tf.stack([rate, 1.0 - rate])
+
+        weights = tf.data.Dataset.counter(dtype=tf.int64).map(weights_of)
+        ds = tf.data.Dataset.sample_from_datasets(
+            [_class_stream(pos, size, cfg, use_cache, s_pos),
+             _class_stream(neg, size, cfg, use_cache, s_neg)],
+            weights=weights, seed=int(s_mix.generate_state(1)[0]))
+
+    npc = AUTOTUNE if data.num_parallel_calls == -1 else data.num_parallel_calls
+    out_size, crop, aug = data.image_size, data.crop, cfg.augment
+    aug_seed = int(s_aug.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+    def finish(images, masks, labels):
+        return images, {"mask": masks, "label": labels}
+
+    if vectorize:
+        ds = ds.batch(batch, drop_remainder=True)
+        ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=aug_seed))
+
+        def aug_batch(elem, r):
+            images, masks, labels = elem
+            img, msk = augment_batch(images, masks, tf.stack([r, 0]), aug, out_size, crop)
+            return finish(img, msk, labels)
+
+        ds = ds.map(aug_batch, num_parallel_calls=npc)
+    else:
+        ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=aug_seed))
+
+        def aug_one(elem, r):
+            image, mask, label = elem
+            img, msk = augment_batch(image[None], mask[None], tf.stack([r, 0]), aug, out_size,
+                                     crop)
+            return img[0], msk[0], label
+
+        ds = ds.map(aug_one, num_parallel_calls=npc)
+        ds = ds.batch(batch, drop_remainder=True).map(finish)
+
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options).prefetch(AUTOTUNE)
+    return ds, int(steps_per_epoch)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_dataset(cache: str | Path, fold: int, cfg: Config, *,
+                 split: Literal["val", "test"] = "val", batch_size: int | None = None):
+    """Deterministic full-resolution batches, no augmentation, every image exactly once.
+
+    ``split="val"`` reads fold ``fold``'s shards (positives and negatives), ``"test"`` the
+    test shards; files in sorted order, read sequentially. Elements are dicts:
+    ``image`` (B, C, C, 3) float32 normalised, ``mask`` (B, C, C, 1) float32 0/1 (zeros for
+    test), ``label`` (B, 1) float32 has_mask (-1 for test), ``image_id`` (B,) string.
+    The last batch may be smaller. Use ``ds.map(lambda d: d["image"])`` for ``predict``
+    and iterate ``ds.map(lambda d: d["image_id"])`` in the same order to align ids.
+    """
+    tf = _tf()
+    cache = Path(cache)
+    _check_split(split, ("val", "test"))
+    if split == "val":
+        if fold < 0:
+            raise PipelineError(f"fold {fold}: validation needs a fold >= 0")
+        files = records.list_shards(cache, "train", folds={fold})
+        what = f"fold {fold}"
+    else:
+        files = records.list_shards(cache, "test")
+        what = "the test split"
+    if not files:
+        raise PipelineError(f"{cache}: no complete shards for {what}")
+    size = _cached_size(files[0])
+    batch = int(batch_size or cfg.data.batch_size)
+
+    def parse(serialized):
+        ex = records.parse_example(serialized)
+        return {"image": tf.ensure_shape(ex["image"], [size, size, 1]),
+                "mask": tf.ensure_shape(ex["mask"], [size, size, 1]),
+                "label": tf.reshape(tf.cast(ex["has_mask"], tf.float32), [1]),
+                "image_id": ex["image_id"]}
+
+    def to_float(d):
+        return {"image": normalize(d["image"]), "mask": tf.cast(d["mask"], tf.float32),
+                "label": d["label"], "image_id": d["image_id"]}
+
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Known cardinality (from the sidecars): predict() sizes its progress bar and does not
+    # warn "ran out of data"; a sidecar that disagrees with its shard fails loudly.
+    n_images = sum(len(_sidecar_ids(f)) for f in files)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n_images))
+    ds = ds.batch(batch).map(to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(AUTOTUNE)
