@@ -111,8 +111,11 @@ class ModelConfig:
     plain_taps: bool = False
     skip_dropout: float = 0.1
     head_dropout: float = 0.5
+    head_pool: Literal["avg", "avgmax"] = "avg"
+    bn_momentum: float = 0.99
 
     def validate(self, prefix: str) -> None:
+        _check(0.0 < self.bn_momentum < 1.0, prefix, "bn_momentum", "must be in (0, 1)")
         _check(len(self.decoder_filters) == 5 and all(f > 0 for f in self.decoder_filters),
                prefix, "decoder_filters", "must be 5 positive integers")
         _check(0.0 <= self.skip_dropout < 1.0, prefix, "skip_dropout", "must be in [0, 1)")

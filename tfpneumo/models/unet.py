@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tfpneumo import TfpneumoError
+from tfpneumo.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     import keras
@@ -276,7 +277,7 @@ def _head(x, cfg: ModelConfig):
     from keras import layers
 
     # ModelConfig has no head_pool key yet; read it this way so adding one needs no change here.
-    pool = getattr(cfg, "head_pool", "avg")
+    pool = cfg.head_pool
     if pool not in HEAD_POOLS:
         raise TfpneumoError(f"model.head_pool: {pool!r} is not one of {list(HEAD_POOLS)}")
     h = layers.GlobalAveragePooling2D(name="cls_head_avgpool")(x)
@@ -314,13 +315,27 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 3)) -> ke
         raise TfpneumoError(f"model.decoder_filters: expected {len(taps) + 1} values")
 
     image = keras.Input(shape=input_shape, name="image")
-    backbone = build_backbone(cfg.encoder, image)
+    # The pipeline feeds ImageNet-normalised images; sm's ResNets (and their ImageNet weights)
+    # take raw 0..255 pixels and normalise in their first BatchNorm (bn_data). Undo it here.
+    pixels = layers.Rescaling(scale=[255.0 * s for s in IMAGENET_STD],
+                              offset=[255.0 * m for m in IMAGENET_MEAN],
+                              name="imagenet_to_pixels")(image)
+    backbone = build_backbone(cfg.encoder, pixels)
     weights = cfg.encoder_weights
     if weights.lower() == "imagenet":
         load_encoder_weights(backbone, fetch_imagenet_weights(cfg.encoder),
                              "model.encoder_weights=imagenet", cfg.encoder)
     elif weights.lower() != "none":
         load_encoder_weights(backbone, weights, "model.encoder_weights", cfg.encoder)
+    else:
+        # A random encoder's input BatchNorm starts at mean 0 / variance 1, so in inference
+        # mode raw pixels would flow on unnormalised (and overflow float16). Start it where the
+        # ImageNet weights have it: the pixel statistics of ImageNet.
+        import numpy as np
+
+        bn_data = backbone.get_layer("bn_data")
+        bn_data.moving_mean.assign(np.array(IMAGENET_MEAN, "float32") * 255.0)
+        bn_data.moving_variance.assign((np.array(IMAGENET_STD, "float32") * 255.0) ** 2)
 
     x = backbone.get_layer(ENCODER_OUTPUT).output
     label = _head(x, cfg)
@@ -329,7 +344,11 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 3)) -> ke
         x = _decoder_stage(x, skip, filters, stage, cfg)
     x = layers.Conv2D(1, 1, name="mask_logits")(x)
     mask = layers.Activation("sigmoid", dtype="float32", name="mask")(x)
-    return keras.Model(image, {"mask": mask, "label": label}, name=f"unet_{cfg.encoder}")
+    model = keras.Model(image, {"mask": mask, "label": label}, name=f"unet_{cfg.encoder}")
+    for layer in model.layers:  # sm's 0.99 needs thousands of steps; short runs want less
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = cfg.bn_momentum
+    return model
 
 
 # ----------------------------------------------------------------------------- encoder access
