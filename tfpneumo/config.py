@@ -183,6 +183,7 @@ class TrainConfig:
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
     freeze_encoder_epochs: int = 0
     val_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6)
+    val_min_area: float = 0.0015
     top_k: int = 3
     swa_epochs: int = 0
     swa_bn_steps: int = 50
@@ -196,6 +197,7 @@ class TrainConfig:
                "must be in [0, epochs]")
         _check(len(self.val_thresholds) >= 1 and all(0 < t < 1 for t in self.val_thresholds),
                prefix, "val_thresholds", "must be one or more thresholds in (0, 1)")
+        _check(0.0 <= self.val_min_area < 1.0, prefix, "val_min_area", "must be in [0, 1)")
         _check(self.top_k >= 1, prefix, "top_k", "must be >= 1")
         _check(0 <= self.swa_epochs <= self.epochs, prefix, "swa_epochs", "must be in [0, epochs]")
         _check(self.swa_bn_steps >= 1, prefix, "swa_bn_steps", "must be >= 1")

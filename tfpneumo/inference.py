@@ -91,3 +91,96 @@ def dice_from_histograms(stats: dict[str, np.ndarray], threshold: float) -> floa
     denom = pred + hist_true.sum(axis=1)
     dice = np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
     return float(dice.mean())
+
+
+# ----------------------------------------------------------------------------- test-time inference
+
+RULES = ("triplet", "label", "pixel")
+
+
+def scaled_size(size: int, scale: float) -> int:
+    """``size * scale`` rounded to the nearest multiple of 32 (at least 32): the UNet's input
+    sides must be multiples of 32."""
+    return max(32, int(round(size * scale / 32.0)) * 32)
+
+
+def predict_tta(net: keras.Model, images, hflip: bool = True,
+                scales: tuple[float, ...] = (1.0,)) -> tuple[tf.Tensor, tf.Tensor]:
+    """Multi-scale (and horizontal-flip) test-time augmentation of one network.
+
+    images (B, H, W, 3) float32 normalised, H and W multiples of 32 -> mask (B, H, W, 1)
+    float32, label (B,) float32. For each scale ``s`` the batch is resized (bilinear) to
+    ``scaled_size(H, s) x scaled_size(W, s)``, predicted (with its flip when ``hflip``) and the
+    mask probabilities resized back to ``H x W``; the maps and the labels are averaged over
+    the scales. ``scales=(1.0,)`` is exactly :func:`predict_batch`.
+    """
+    if not scales:
+        raise ValueError("scales must hold at least one scale")
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    masks, labels = [], []
+    for scale in scales:
+        if scale == 1.0:
+            mask, label = predict_batch(net, images, hflip)
+        else:
+            # Sides are multiples of 32 (rounded like scaled_size, which needs Python ints).
+            target = [tf.maximum(32, tf.cast(tf.round(tf.cast(side, tf.float32) * scale / 32.0),
+                                             tf.int32) * 32) for side in (height, width)]
+            # antialias when shrinking: plain bilinear would alias the fine lung texture.
+            resized = tf.image.resize(images, target, method="bilinear", antialias=scale < 1.0)
+            mask, label = predict_batch(net, resized, hflip)
+            mask = tf.clip_by_value(tf.image.resize(mask, [height, width], method="bilinear"),
+                                    0.0, 1.0)
+        masks.append(mask)
+        labels.append(label)
+    return tf.add_n(masks) / len(masks), tf.add_n(labels) / len(labels)
+
+
+def ensemble_predictor(nets: list[keras.Model], hflip: bool = True,
+                       scales: tuple[float, ...] = (1.0,)):
+    """A compiled function ``images (B, H, W, 3) float32 -> (mask (B, H, W, 1), label (B,))``,
+    both float32: the mean over ``nets`` of :func:`predict_tta`.
+
+    Traced once for any batch and image size (the input signature leaves them unknown).
+    """
+    if not nets:
+        raise ValueError("an ensemble needs at least one network")
+    scales = tuple(float(s) for s in scales)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def run(images):
+        masks, labels = [], []
+        for net in nets:
+            mask, label = predict_tta(net, images, hflip, scales)
+            masks.append(mask)
+            labels.append(label)
+        return tf.add_n(masks) / len(nets), tf.add_n(labels) / len(nets)
+
+    return run
+
+
+def keep_prediction(prob: np.ndarray, label_prob: float, rule: str, *, bottom: float,
+                    top: float | None = None, min_area: int = 0,
+                    label_threshold: float | None = None) -> bool:
+    """Whether an image gets a mask at all (the gate); its mask is then ``prob >= bottom``.
+
+    prob (H, W) float32 mask probabilities, label_prob the classification head's probability.
+    The rules of ``tfpneumo evaluate`` (areas are pixel counts of ``prob`` as given, so
+    ``min_area`` is at its resolution; ``>=`` on pixels as the OOF histograms count them):
+
+    ``triplet`` (1st place): keep when ``count(prob >= top) >= min_area``.
+    ``label``: keep when ``label_prob > label_threshold`` and ``count(prob >= bottom) >=
+    min_area``.
+    ``pixel``: keep when ``count(prob >= bottom) >= min_area``.
+    """
+    if rule == "triplet":
+        if top is None:
+            raise ValueError("the triplet rule needs top")
+        return bool(np.count_nonzero(prob >= top) >= min_area)
+    if rule == "label":
+        if label_threshold is None:
+            raise ValueError("the label rule needs label_threshold")
+        if not label_prob > label_threshold:
+            return False
+    elif rule != "pixel":
+        raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+    return bool(np.count_nonzero(prob >= bottom) >= min_area)

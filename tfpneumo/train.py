@@ -56,6 +56,11 @@ def cache_folds(cache: Path) -> int:
     return int(json.loads(manifest.read_text())["folds"])
 
 
+def cache_size(cache: Path) -> int:
+    """The image side of a prepared cache."""
+    return int(json.loads((Path(cache) / "manifest.json").read_text())["size"])
+
+
 def train(cfg: Config, fold: str, workdir: Path = Path(".")) -> str:
     """Trains ``fold`` ("all" or an index). Returns a summary, one line per fold."""
     n_folds = cache_folds(Path(cfg.data.cache))
@@ -144,6 +149,9 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     _, steps = train_dataset(cache, fold, cfg, epochs=epochs,
                              steps_per_epoch=tcfg.steps_per_epoch or None, seed=cfg.seed + fold)
     val_ds = eval_dataset(cache, fold, cfg, split="val")
+    # Masks under min_area pixels count as empty (as the competition's top solutions did):
+    # a false positive on an empty image costs a whole point.
+    min_area = int(round(tcfg.val_min_area * cache_size(cache) ** 2))
     val_xy = val_ds.map(lambda b: (b["image"], {"mask": b["mask"], "label": b["label"]}))
 
     with runtime.strategy.scope():
@@ -159,7 +167,7 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
         def compile_trainer() -> None:
             trainer.compile(
                 optimizer=optimizer, loss=losses, loss_weights=loss_weights,
-                metrics={"mask": [KaggleDice(threshold=t, name=f"dice@{t:g}")
+                metrics={"mask": [KaggleDice(threshold=t, min_area=min_area, name=f"dice@{t:g}")
                                   for t in tcfg.val_thresholds],
                          "label": [keras.metrics.AUC(name="auc")]},
                 jit_compile=runtime.jit_compile)
