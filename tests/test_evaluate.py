@@ -19,6 +19,7 @@ from tfpneumo.evaluate import (
     IMAGES_CSV,
     Grids,
     OofStats,
+    _border_notes,
     apply_rule,
     evaluate,
     parse_grid,
@@ -141,6 +142,22 @@ def test_metric_hand_worked_through_histograms():
     pred, dice = apply_rule(stats, best)
     assert pred.tolist() == [0, 0, 6, 0]
     np.testing.assert_allclose(dice, [1, 1, 0.8, 0], atol=1e-12)
+
+
+def test_border_notes_only_when_the_edge_wins_outright():
+    stats = hand_worked_stats()
+    grids = Grids(bins=BINS, tops=np.array([128]), min_areas=np.array([0, 2]),
+                  bottoms=np.array([77]), label_thresholds=np.array([0.3, 0.5]))
+    result = search(stats, grids)
+    # area 2 (the largest) scores 0.7, area 0 only 0.45: widen the grid
+    assert _border_notes(result.best_triplet(), result) == [
+        "note: the best min area is the largest searched; consider widening --min-areas"]
+    # label > 0.3 and > 0.5 split the images alike (0.1, 0.2 | 0.6, 0.9): a tie, no note;
+    # the mask threshold 0.3 (the smallest edge) beats 0.5 (0.7 against 0.625): a note
+    best_label = result.best_label()
+    assert best_label["label_threshold"] == 0.3 and best_label["score"] == pytest.approx(0.7)
+    assert _border_notes(best_label, result) == [
+        "note: the best mask threshold is the smallest searched; consider widening --bottoms"]
 
 
 def test_perfect_and_disjoint_masks():
@@ -273,7 +290,7 @@ def test_off_grid_thresholds_score_at_the_snapped_edge(tf):
             e = int(np.searchsorted(grids.edges, np.ceil(bottom * BINS)))
             assert result.triplet[t, a, e] == pytest.approx(raw, abs=1e-9)
             checked += 1
-    assert checked == 3 * 6  # 0.33 with 2 bottoms, 0.47 and 0.61 with 2 each
+    assert checked == 3 * 3 * 2  # tops x areas x bottoms (both bottoms <= every top)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -25,8 +25,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def score_from_logs(logs: dict, thresholds) -> float:
-    """The validation metric that ranks checkpoints: the best mean Dice over the thresholds."""
-    values = [logs.get(f"val_mask_dice@{t:g}") for t in thresholds]
+    """The validation metric that ranks checkpoints: the best mean Dice over the thresholds,
+    of the mask alone (small masks count as empty) or gated by the classification head."""
+    values = [logs.get(f"val_{kind}_dice@{t:g}") for t in thresholds
+              for kind in ("mask", "gated")]
     values = [float(v) for v in values if v is not None]
     if not values:
         raise KeyError("no val_mask_dice@<t> in the epoch logs: validation did not run")

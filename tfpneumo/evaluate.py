@@ -13,6 +13,11 @@ label (classification head)
 plain
     the mask is ``prob >= t`` (for reference; a triplet with ``min_area = 0``).
 
+The label rule's mask threshold and the plain threshold range over the tops and the bottoms.
+The ``best`` rule is the one with the highest pooled score; a winning plain threshold is
+written as the equivalent triplet (``min_area = 0``, ``bottom = top``), so ``best.rule`` is
+always ``"triplet"`` or ``"label"``.
+
 Pixel thresholds are snapped to the histogram bin edges ``k / 256`` (``k = ceil(256 t)``)
 and a pixel counts as above the edge when ``floor(256 prob) >= k``, which is
 ``prob >= k / 256``: exactly what the histograms can score. The snapped values are the ones
@@ -20,8 +25,8 @@ reported. Label thresholds act on the exact ``label_prob`` and are not snapped.
 
 The search never sees a probability map. For each image the tail sums of ``hist_all`` and
 ``hist_true`` give, for every edge, the predicted area and the intersection; the score of
-every (top, min_area, bottom) is then a matrix product of the (N, min_areas) "positive"
-flags with the (N, edges) per-image Dice, per top.
+every (top, min_area, bottom) follows from one cumulative sum per top over the images
+sorted by their count above the top (see :func:`search`).
 
 Outputs in ``runs/<experiment>/`` (or ``out``): ``evaluation.json`` (everything, plus the
 chosen ``best`` rule that ``tfpneumo submit`` reads), ``evaluation_images.csv`` (one row per
@@ -280,7 +285,7 @@ class SearchResult:
 
 
 def _argmax(scores: np.ndarray) -> int:
-    """Flat index of the best score; ties (to 1e-12, matmul rounding) go to the first index."""
+    """Flat index of the best score; ties (to 1e-12: summation order) go to the first index."""
     return int(np.argmax(np.where(np.isnan(scores), -np.inf, np.round(scores, 12))))
 
 
@@ -303,35 +308,35 @@ def _rule(kind: str, grids: Grids, *, score: float, top: int | None = None,
 def search(stats: OofStats, grids: Grids) -> SearchResult:
     """Scores every rule of ``grids`` on ``stats`` from the histograms alone.
 
-    Memory is O(N * (E + A)) float64 (one top at a time); time is dominated by T matrix
-    products of (A, N) x (N, E).
+    A gate "score_i >= x" (count above the top, or the label probability) calls a prefix of
+    the images sorted by score positive, so the summed Dice of the positives for every x is
+    one row of a cumulative sum: O(N log N + N * E) per top, no BLAS (whose threads only
+    slow these thin products down on a shared CPU), O(N * E) float64 memory.
     """
     n = len(stats)
     edges = grids.edges
     truth = stats.hist_true.sum(axis=1, dtype=np.int64)  # (N,)
-    empty = (truth == 0).astype(np.float64)  # score of predicting an empty mask
+    empty = (truth == 0).astype(np.float64)  # score of calling the image empty
     pred = counts_above(stats.hist_all, edges)  # (N, E)
     inter = counts_above(stats.hist_true, edges)
     dice_e = dice(pred, inter, truth[:, None])  # (N, E): Dice if the image is called positive
-    n_empty = empty.sum()
 
-    def gated(positive: np.ndarray) -> np.ndarray:
-        """positive (N, K) 0/1 float64 -> (K, E) mean Dice when the others are called empty."""
-        return (positive.T @ dice_e + (n_empty - positive.T @ empty)[:, None]) / n
+    def gated(score: np.ndarray, cuts: np.ndarray, strict: bool) -> np.ndarray:
+        """Mean Dice, (K, E), when image i is positive iff score_i >= cut (> cut if strict)."""
+        order = np.argsort(-score, kind="stable")
+        gain = np.zeros((n + 1, dice_e.shape[1]))  # gain[k]: sum over the top-k images
+        np.cumsum(dice_e[order] - empty[order, None], axis=0, out=gain[1:])
+        ascending = score[order[::-1]]
+        n_pos = n - np.searchsorted(ascending, cuts, side="right" if strict else "left")
+        return (empty.sum() + gain[n_pos]) / n
 
     top_pos = np.searchsorted(edges, grids.tops)  # column of each top in `edges`
-    top_counts = pred[:, top_pos]  # (N, T)
-    triplet = np.empty((len(grids.tops), len(grids.min_areas), len(edges)))
-    for t in range(len(grids.tops)):
-        positive = (top_counts[:, t, None] >= grids.min_areas[None, :]).astype(np.float64)
-        triplet[t] = gated(positive)
+    triplet = np.stack([gated(pred[:, c], grids.min_areas, strict=False) for c in top_pos])
     in_bottoms = np.isin(edges, grids.bottoms)
     valid = (edges[None, :] <= grids.tops[:, None]) & (
         in_bottoms[None, :] | (edges[None, :] == grids.tops[:, None]))  # (T, E)
     triplet[~np.broadcast_to(valid[:, None, :], triplet.shape)] = np.nan
-
-    positive = (stats.label_prob[:, None] > grids.label_thresholds[None, :]).astype(np.float64)
-    label = gated(positive)
+    label = gated(stats.label_prob.astype(np.float64), grids.label_thresholds, strict=True)
     return SearchResult(grids=grids, n_images=n, empty_score=float(empty.mean()),
                         triplet=triplet, label=label, plain=dice_e.mean(axis=0))
 
@@ -346,7 +351,7 @@ def apply_rule(stats: OofStats, rule: dict) -> tuple[np.ndarray, np.ndarray]:
         positive = counts_above(stats.hist_all, np.array([rule["top_bin"]]))[:, 0] >= rule[
             "min_area"]
     elif rule["rule"] == "label":
-        positive = stats.label_prob > rule["label_threshold"]
+        positive = stats.label_prob.astype(np.float64) > rule["label_threshold"]
     else:
         raise ValueError(f"unknown rule {rule['rule']!r}")
     pred = np.where(positive, pred, 0)
@@ -380,12 +385,12 @@ def evaluate(cfg: Config, *, folds: str = "all", thresholds: str = "0.3:0.8",
              out: Path | None = None) -> str:
     """Searches the triplet, label and plain rules on the OOF statistics of ``folds``.
 
-    ``thresholds`` are the triplet tops (and plain thresholds), ``bottoms`` the triplet and
-    label-rule mask thresholds (``bottom = top`` is always tried too), ``min_areas`` pixels at
-    the cached resolution or ``auto`` (fractions :data:`MIN_AREA_FRACTIONS` of the image),
-    ``label_thresholds`` act on the classification head. Writes evaluation.json, the
-    per-image CSV and the heatmap into ``out`` (default ``runs/<experiment>/``) and returns
-    the printed table.
+    ``thresholds`` are the triplet tops, ``bottoms`` the triplet mask thresholds (``bottom =
+    top`` is always tried too); the label rule's mask threshold and the plain threshold range
+    over both lists. ``min_areas`` are pixels at the cached resolution or ``auto``
+    (fractions :data:`MIN_AREA_FRACTIONS` of the image); ``label_thresholds`` act on the
+    classification head. Writes evaluation.json, the per-image CSV and the heatmap into
+    ``out`` (default ``runs/<experiment>/``) and returns the printed table.
     """
     run_root = Path(workdir) / "runs" / cfg.experiment
     tops_f = _probability_grid(thresholds, "--thresholds")
@@ -456,6 +461,7 @@ def evaluate(cfg: Config, *, folds: str = "all", thresholds: str = "0.3:0.8",
     if lost:
         notes.append(f"note: {lost} images have has_mask disagreeing with their cached mask "
                      "(a tiny mask lost at the cached size?); scores use the cached masks")
+    notes.extend(_border_notes(best, pooled))
     if pooled.empty_score > best["score"]:
         notes.append("warning: predicting every image empty scores higher than every rule "
                      "searched; the model or the grids need work")
@@ -465,6 +471,36 @@ def evaluate(cfg: Config, *, folds: str = "all", thresholds: str = "0.3:0.8",
         f"best rule (pooled): {_describe(best, pixels)}",
         f"wrote {out_dir / EVALUATION_JSON}, {IMAGES_CSV}, {HEATMAP_PNG}",
     ])
+
+
+def _border_notes(best: dict, result: SearchResult) -> list[str]:
+    """Hints when the chosen rule sits on the edge of a grid and nothing inside it ties."""
+    g, notes = result.grids, []
+
+    def check(inside: np.ndarray, noun: str, option: str, side: str) -> None:
+        finite = inside[np.isfinite(inside)]
+        if finite.size and round(float(finite.max()), 12) < round(best["score"], 12):
+            notes.append(f"note: the best {noun} is the {side} searched; consider widening "
+                         f"{option}")
+
+    if best["rule"] == "triplet":
+        if len(g.tops) > 1 and best["top_bin"] == g.tops.max():
+            check(result.triplet[:-1], "top", "--thresholds", "largest")
+        if len(g.min_areas) > 1 and 0 < best["min_area"] == g.min_areas.max():
+            check(result.triplet[:, :-1], "min area", "--min-areas", "largest")
+        if (len(g.bottoms) > 1 and best["bottom_bin"] == g.bottoms.min()
+                and best["bottom_bin"] != best["top_bin"]):
+            check(result.triplet[:, :, g.edges != g.bottoms.min()], "bottom", "--bottoms",
+                  "smallest")
+    else:
+        lts = g.label_thresholds
+        if len(lts) > 1 and best["label_threshold"] == round(float(lts.max()), 10):
+            check(result.label[:-1], "label threshold", "--label-thresholds", "largest")
+        if len(lts) > 1 and best["label_threshold"] == round(float(lts.min()), 10):
+            check(result.label[1:], "label threshold", "--label-thresholds", "smallest")
+        if len(g.edges) > 1 and best["bottom_bin"] == g.edges.min():
+            check(result.label[:, 1:], "mask threshold", "--bottoms", "smallest")
+    return notes
 
 
 def _oof_model(path: Path) -> str:
@@ -537,7 +573,7 @@ def _table(experiment: str, fold_ids: list[int], per_fold: dict, summary: dict, 
     side = summary["image_side"]
     size = f"{side}x{side}" if side else f"{pixels} px"
     header = ["fold", "images", "all-empty", "top", "min_area", "bottom", "triplet",
-              "label_t", "bottom", "label", "plain_t", "plain", "best_rule"]
+              "label_t", "label_bottom", "label", "plain_t", "plain", "best_rule"]
     rows = []
     for name, s in [*((str(k), per_fold[k]) for k in fold_ids), ("all", summary["pooled"])]:
         tr, lb, pl = s["triplet"], s["label"], s["plain"]
@@ -554,10 +590,11 @@ def _table(experiment: str, fold_ids: list[int], per_fold: dict, summary: dict, 
     kinds = ",".join(sorted(set(models.values())))
     title = (f"OOF rule search: experiment {experiment}, folds {','.join(map(str, fold_ids))}, "
              f"{summary['n_images']} images at {size}, model {kinds}")
-    legend = ("triplet: positive if count(prob >= top) >= min_area, mask prob >= bottom; "
-              "label: positive if label_prob > t; plain: mask prob >= t; "
-              "best_rule: the pooled best rule scored on the fold")
-    return "\n".join([title, line(header), *(line(r) for r in rows), legend])
+    legend = ["triplet: positive if count(prob >= top) >= min_area, mask prob >= bottom; "
+              "label: positive if label_prob > t,",
+              "mask prob >= label_bottom; plain: mask prob >= t; all-empty: every image "
+              "predicted empty; best_rule: the pooled best rule on the fold"]
+    return "\n".join([title, line(header), *(line(r) for r in rows), *legend])
 
 
 # ----------------------------------------------------------------------------- heatmap
@@ -588,7 +625,8 @@ def render_heatmap(result: SearchResult, pixels: int) -> bytes:
 
     When the best triplet has ``bottom = top`` the slice is the ``bottom = top`` diagonal,
     else the fixed best bottom (cells with top < bottom are grey). The best triplet's cell
-    is framed in red; each cell shows its score.
+    is framed in red; each cell shows its score. Colours run from the all-empty score (or
+    the lowest cell, if higher) to the best cell.
     """
     from PIL import Image, ImageDraw
 
@@ -608,7 +646,7 @@ def render_heatmap(result: SearchResult, pixels: int) -> bytes:
     font, small = _font(14), _font(12)
     cell_w, cell_h = 64, 24
     n_rows, n_cols = grid.shape
-    left, top_margin, right, bottom_margin = 110, 70, 90, 60
+    left, top_margin, right, bottom_margin = 110, 70, 110, 60
     width = left + n_cols * cell_w + right
     height = top_margin + n_rows * cell_h + bottom_margin
     image = Image.new("RGB", (width, height), "white")
@@ -616,13 +654,16 @@ def render_heatmap(result: SearchResult, pixels: int) -> bytes:
 
     finite = grid[np.isfinite(grid)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    span = hi - lo if hi > lo else 1.0
+    # the colours span [all-empty score, best]: worse cells are all bad, and the contrast
+    # goes where the choice is made
+    floor = result.empty_score if lo < result.empty_score < hi else lo
+    span = hi - floor if hi > floor else 1.0
     for r in range(n_rows):
         for c in range(n_cols):
             x0, y0 = left + c * cell_w, top_margin + r * cell_h
             value = grid[r, c]
             if np.isfinite(value):
-                fill = _colour((value - lo) / span)
+                fill = _colour((value - floor) / span)
                 text = f"{value:.4f}"
             else:
                 fill, text = (200, 200, 200), "-"
@@ -654,8 +695,9 @@ def render_heatmap(result: SearchResult, pixels: int) -> bytes:
         draw.line([bar_x, top_margin + i, bar_x + 14, top_margin + i],
                   fill=_colour(1 - i / max(bar_h - 1, 1)))
     draw.text((bar_x + 18, top_margin), f"{hi:.4f}", fill="black", font=small, anchor="lt")
-    draw.text((bar_x + 18, top_margin + bar_h), f"{lo:.4f}", fill="black", font=small,
-              anchor="lb")
+    low_text = f"{floor:.4f}" if floor == lo else f"<= {floor:.4f}\n(all-empty)"
+    draw.multiline_text((bar_x + 18, top_margin + bar_h), low_text, fill="black", font=small,
+                        anchor="ld")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -78,17 +78,23 @@ def out_of_fold_statistics(net: keras.Model, dataset, hflip: bool = True) -> dic
     }
 
 
-def dice_from_histograms(stats: dict[str, np.ndarray], threshold: float) -> float:
+def dice_from_histograms(stats: dict[str, np.ndarray], threshold: float,
+                         label_threshold: float | None = None) -> float:
     """Mean per-image Dice of the mask ``prob > threshold`` from the OOF histograms.
 
+    With ``label_threshold``, images whose ``label_prob`` is not above it are predicted empty.
     Exact for thresholds on the bin edges (multiples of 1/256); 1.0 for an image where both
     prediction and truth are empty, as in the competition metric.
     """
     hist_all, hist_true = stats["hist_all"], stats["hist_true"]
+    truth_area = hist_true.sum(axis=1)
+    if label_threshold is not None:
+        keep = (stats["label_prob"] > label_threshold)[:, None]
+        hist_all, hist_true = hist_all * keep, hist_true * keep
     first = int(np.ceil(threshold * hist_all.shape[1] - 1e-9))
     pred = hist_all[:, first:].sum(axis=1)
     inter = hist_true[:, first:].sum(axis=1)
-    denom = pred + hist_true.sum(axis=1)
+    denom = pred + truth_area
     dice = np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
     return float(dice.mean())
 

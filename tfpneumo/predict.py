@@ -114,7 +114,7 @@ def _items(files: Sequence[Path]) -> list[tuple[str, Path]]:
 def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: Any = "all",
             weights: str = "auto", thresholds: dict[str, Any] | None = None,
             size: int = 1024, batch_size: int | None = None, hflip: bool = True,
-            scales: Sequence[float] = (1.0,), workdir: Path = Path(".")) -> str:
+            scales: str | Sequence[float] = (1.0,), workdir: Path = Path(".")) -> str:
     """Writes ``<id>_prob.png``, ``<id>_mask.png`` and ``<id>_overlay.png`` for each DICOM into
     ``out`` (created) and returns a summary: one line per image (label probability, mask
     area) and a last line with the models and thresholds.

@@ -66,25 +66,28 @@ def _manifest(cfg: Config) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def trained_folds(cfg: Config, workdir: Path = Path(".")) -> list[int]:
+    """Indices k of the run's ``fold_<k>`` folders holding result.json (training finished)."""
+    root = run_root(cfg, workdir)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir()
+                  if (m := re.fullmatch(r"fold_(\d+)", p.name)) and (p / "result.json").is_file())
+
+
 def parse_folds(folds: str | int | Sequence[int], cfg: Config,
                 workdir: Path = Path(".")) -> list[int]:
     """``"all"``, ``"0,2"``, ``2`` or ``[0, 2]`` -> sorted unique fold indices.
 
-    ``"all"`` is every fold of the prepared cache (its manifest), or, without a cache at hand,
-    every ``fold_<k>`` folder of the run.
+    ``"all"`` is every trained fold (as in ``tfpneumo evaluate``); none raises.
     """
     if isinstance(folds, str):
         text = folds.strip()
-        if text == "all":
-            manifest = _manifest(cfg)
-            if manifest is not None and isinstance(manifest.get("folds"), int):
-                return list(range(manifest["folds"]))
-            root = run_root(cfg, workdir)
-            found = sorted(int(m.group(1)) for p in (root.glob("fold_*") if root.is_dir() else ())
-                           if (m := re.fullmatch(r"fold_(\d+)", p.name)) and p.is_dir())
+        if text.lower() == "all":
+            found = trained_folds(cfg, workdir)
             if not found:
-                raise SubmitError(f"{root}: no trained folds (no fold_<k> folders); "
-                                  "run tfpneumo train first")
+                raise SubmitError(f"{run_root(cfg, workdir)}: no trained fold (no "
+                                  "fold_<k>/result.json); run tfpneumo train first")
             return found
         try:
             values = [int(x) for x in text.split(",") if x.strip()]
@@ -98,6 +101,18 @@ def parse_folds(folds: str | int | Sequence[int], cfg: Config,
     if not values or any(v < 0 for v in values):
         raise SubmitError(f"--folds {folds!r}: expected 'all' or fold indices >= 0")
     return sorted(set(values))
+
+
+def untrained_note(cfg: Config, files: Sequence[Path]) -> str:
+    """``"; note: folds 1,2 of the cache are not in the ensemble"`` or ``""``."""
+    manifest = _manifest(cfg)
+    n_folds = manifest.get("folds") if manifest else None
+    if not isinstance(n_folds, int):
+        return ""
+    used = {int(p.parent.name.removeprefix("fold_")) for p in files}
+    left = [k for k in range(n_folds) if k not in used]
+    return f"; note: folds {','.join(map(str, left))} of the cache are not in the ensemble" \
+        if left else ""
 
 
 def ensemble_files(cfg: Config, workdir: Path = Path("."), folds: Any = "all",
@@ -135,7 +150,10 @@ def load_model_file(path: Path):
     """One saved network (safe_mode) whose outputs include ``mask`` and ``label``."""
     import keras
 
-    import tfpneumo.models.unet  # noqa: F401  (registers the custom layers for loading)
+    # Registers the custom layers for loading. unet.py imports layers.py only inside
+    # build_model, so importing unet alone does not register BilinearUpSampling2D.
+    import tfpneumo.models.layers  # noqa: F401
+    import tfpneumo.models.unet  # noqa: F401
 
     try:
         net = keras.saving.load_model(path, compile=False, safe_mode=True)
@@ -283,11 +301,16 @@ def check_size(size: int) -> None:
                           "times), e.g. 512 or 1024")
 
 
-def check_scales(scales: Iterable[float]) -> tuple[float, ...]:
-    scales = tuple(float(s) for s in scales)
-    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
-        raise SubmitError(f"--scales {scales}: expected positive scales like 1.0,0.75,1.25")
-    return scales
+def check_scales(scales: str | Iterable[float]) -> tuple[float, ...]:
+    """TTA scales as floats: a sequence or the CLI's text ``"1.0,0.75,1.25"``."""
+    text = scales if isinstance(scales, str) else ",".join(map(str, scales))
+    try:
+        values = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not math.isfinite(s) or s <= 0 for s in values):
+        raise SubmitError(f"--scales {text!r}: expected positive scales like 1.0,0.75,1.25")
+    return values
 
 
 def cache_clahe(cfg: Config) -> bool:
@@ -470,14 +493,18 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
            folds: Any = "all", weights: str = "auto",
            thresholds: dict[str, Any] | None = None, size: int = 1024,
            batch_size: int | None = None, hflip: bool = True,
-           scales: Sequence[float] = (1.0,), workdir: Path = Path("."),
+           scales: str | Sequence[float] = (1.0,), workdir: Path = Path("."),
            progress: bool = True) -> str:
     """Writes the submission CSV ``ImageId,EncodedPixels`` and returns a one-line summary.
 
     Every id of the sample submission appears once, in its order; ``-1`` for an empty mask,
     else ``rle.encode(mask, fmt=rle)`` of the mask at the DICOM's own size. ``thresholds``
     overrides single values (see :func:`resolve_thresholds`). ``batch_size`` None: the
-    training batch scaled to ``size`` (:func:`default_batch_size`). Same inputs, same bytes.
+    training batch scaled to ``size`` (:func:`default_batch_size`). ``scales``: multi-scale
+    TTA, e.g. ``(1.0, 0.75, 1.25)`` or ``"1,0.75,1.25"``. Same inputs, same bytes.
+
+    A test DICOM that cannot be decoded stops the run (DicomError naming it): a submission
+    must hold every id, and a silent ``-1`` would hide the problem.
     """
     start = time.perf_counter()
     if rle not in rle_codec.FORMATS:
@@ -539,7 +566,7 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
             f"({100.0 * positives / len(ids):.1f}%), {rle} RLE; ensemble of {len(nets)} "
             f"fold(s) ({', '.join(p.parent.name + '/' + p.name for p in files)}), {tta}, "
             f"size {size}; thresholds {rule.describe()} ({source}); "
-            f"{time.perf_counter() - start:.1f} s")
+            f"{time.perf_counter() - start:.1f} s{untrained_note(cfg, files)}")
 
 
 def _check_csv(path: Path, ids: Sequence[str], fmt: str,

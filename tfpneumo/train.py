@@ -158,7 +158,8 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
         net = build_model(model_cfg)
         if init_weights is not None:
             net.load_weights(init_weights)
-        trainer = Trainer(net, accumulation_steps=cfg.optimizer.accumulation_steps)
+        trainer = Trainer(net, accumulation_steps=cfg.optimizer.accumulation_steps,
+                          gated_thresholds=tcfg.val_thresholds)
         schedule = build_schedule(cfg.optimizer, steps, epochs)
         encoder_paths = {v.path for layer in encoder_layers(net) for v in layer.weights}
         optimizer = build_optimizer(cfg, schedule, encoder_paths, runtime.precision)
@@ -263,6 +264,8 @@ def _finish_stage(cfg: Config, fold: int, stage_dir: Path, net, state: RunState,
     tmp.replace(stage_dir / "oof.npz")
     empty = float(np.mean(oof["has_mask"] == 0))
     oof_dice = {f"{t:g}": dice_from_histograms(oof, t) for t in tcfg.val_thresholds}
+    oof_dice.update({f"gated@{t:g}": dice_from_histograms(oof, t, 0.5)
+                     for t in tcfg.val_thresholds})
     result = {
         "fold": fold,
         "epochs": state.completed_epochs,

@@ -1,0 +1,164 @@
+"""tfpneumo predict (PNGs, overlay drawing) and the test-time augmentation of inference.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_submit import make_run, tiny_model_file
+
+import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
+from tfpneumo.data.dicom import DicomError, read_dicom
+from tfpneumo.inference import ensemble_predictor, predict_tta, scaled_size
+from tfpneumo.predict import OUTLINE, TINT_ALPHA, outline, overlay, predict
+from tfpneumo.submit import SubmitError
+
+THRESHOLDS = {"rule": "pixel", "bottom": 0.5, "min_area": 1}
+
+
+@pytest.fixture(scope="module")
+def net(tf):
+    import keras
+
+    import tfpneumo.models.layers  # noqa: F401  (registers the custom layer)
+
+    return keras.saving.load_model(tiny_model_file(), safe_mode=True, compile=False)
+
+
+def _toy(keras, bias: float):
+    """A pointwise model with the UNet's outputs: mask = sigmoid(sum(x) / 3 + bias) per pixel,
+    label = its mean. Pointwise, so every scale and flip of a constant image agrees."""
+    image = keras.Input((None, None, 3))
+    logits = keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="zeros")(image)
+    logits = keras.layers.Rescaling(1 / 3, offset=bias)(logits)
+    mask = keras.layers.Activation("sigmoid", name="mask")(logits)
+    label = keras.layers.GlobalAveragePooling2D(name="label")(mask)
+    return keras.Model(image, {"mask": mask, "label": label})
+
+
+# ----------------------------------------------------------------------------- predict
+
+def test_predict_writes_three_pngs_at_the_dicom_size(siim_mini, tmp_path):
+    from PIL import Image
+
+    cfg = make_run(tmp_path)
+    files = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[:2]
+    out = tmp_path / "pred"
+    summary = predict(cfg, files, out=out, thresholds=THRESHOLDS, size=64, workdir=tmp_path)
+    assert len(summary.splitlines()) == 3 and "wrote 6 PNGs" in summary
+    for path in files:
+        image_id = path.stem
+        prob = np.asarray(Image.open(out / f"{image_id}_prob.png"))
+        mask = np.asarray(Image.open(out / f"{image_id}_mask.png"))
+        over = Image.open(out / f"{image_id}_overlay.png")
+        assert prob.shape == mask.shape == (1024, 1024) and prob.dtype == np.uint8
+        assert over.size == (1024, 1024) and over.mode == "RGB"
+        assert set(np.unique(mask)) <= {0, 255}
+        # mask = prob >= 0.5 (prob PNG is prob * 255 rounded): consistent up to rounding
+        on = mask == 255
+        assert prob[on].min(initial=255) >= 127 and prob[~on].max(initial=0) <= 128
+        # away from the mask, its outline and the label box, the overlay is the radiograph
+        grey, _ = read_dicom(path)
+        rgb = np.asarray(over)
+        far = ~on & ~outline(on)
+        far[:80, :] = False
+        np.testing.assert_array_equal(rgb[far], np.repeat(grey[far][:, None], 3, axis=1))
+
+
+def test_predict_rejects_a_file_that_is_not_dicom(tmp_path):
+    cfg = make_run(tmp_path)
+    bad = tmp_path / "notes.dcm"
+    bad.write_text("not a DICOM at all\n")
+    with pytest.raises(DicomError, match="notes.dcm: not a DICOM file") as info:
+        predict(cfg, [bad], out=tmp_path / "pred", thresholds=THRESHOLDS, workdir=tmp_path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "pred").exists()
+    with pytest.raises(DicomError, match="missing.dcm: file not found"):
+        predict(cfg, [tmp_path / "missing.dcm"], out=tmp_path / "pred",
+                thresholds=THRESHOLDS, workdir=tmp_path)
+
+
+def test_predict_refuses_two_files_with_one_id(siim_mini, tmp_path):
+    cfg = make_run(tmp_path)
+    path = next((siim_mini / "dicom-images-test").glob("*.dcm"))
+    with pytest.raises(SubmitError, match="would overwrite each other"):
+        predict(cfg, [path, path], out=tmp_path / "pred", thresholds=THRESHOLDS,
+                workdir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def test_outline_is_the_two_pixel_morphological_gradient():
+    mask = np.zeros((30, 30), bool)
+    mask[10:20, 10:20] = True
+    edge = outline(mask)
+    column = edge[:, 15]
+    assert np.flatnonzero(column).tolist() == [9, 10, 19, 20]  # one outside, one inside
+    assert not edge[15, 15] and not edge[0, 0]
+    assert not outline(np.zeros((8, 8), bool)).any()
+
+
+def test_overlay_tints_outlines_and_labels():
+    grey = np.full((256, 256), 100, np.uint8)
+    mask = np.zeros((256, 256), bool)
+    mask[100:200, 120:220] = True
+    rgb = overlay(grey, mask, 0.8712)
+    assert rgb.shape == (256, 256, 3) and rgb.dtype == np.uint8
+    inside = np.round((1 - TINT_ALPHA) * 100 + TINT_ALPHA * np.array([255, 0, 0]))
+    np.testing.assert_array_equal(rgb[150, 170], inside)
+    np.testing.assert_array_equal(rgb[100, 170], OUTLINE)  # first row of the mask
+    np.testing.assert_array_equal(rgb[99, 170], OUTLINE)  # the row above it
+    np.testing.assert_array_equal(rgb[250, 10], [100, 100, 100])  # untouched
+    corner = rgb[:40, :200]
+    assert corner.max() == 255 and corner.min() < 60  # white text on a dark box
+    assert np.array_equal(overlay(grey, np.zeros_like(mask), 0.1)[250, 250], [100, 100, 100])
+
+
+# ----------------------------------------------------------------------------- TTA
+
+def test_scaled_size_is_a_multiple_of_32():
+    assert scaled_size(1024, 0.75) == 768 and scaled_size(1024, 1.25) == 1280
+    assert scaled_size(512, 0.7) == 352  # 358.4 -> 11.2 blocks -> 11 * 32
+    assert scaled_size(64, 0.1) == 32
+
+
+def test_hflip_tta_equals_the_manual_average(net):
+    x = np.random.default_rng(1).normal(size=(2, 64, 96, 3)).astype(np.float32)
+    plain = net(x, training=False)
+    mirrored = net(x[:, :, ::-1].copy(), training=False)
+    expected_mask = 0.5 * (plain["mask"].numpy() + mirrored["mask"].numpy()[:, :, ::-1])
+    expected_label = 0.5 * (plain["label"].numpy() + mirrored["label"].numpy())[:, 0]
+    mask, label = ensemble_predictor([net], hflip=True)(x)
+    np.testing.assert_allclose(mask.numpy(), expected_mask, atol=1e-5)
+    np.testing.assert_allclose(label.numpy(), expected_label, atol=1e-5)
+    # without the flip: the plain prediction
+    mask, _ = ensemble_predictor([net], hflip=False)(x)
+    np.testing.assert_allclose(mask.numpy(), plain["mask"].numpy(), atol=1e-5)
+
+
+def test_multiscale_tta_shapes(net):
+    x = np.random.default_rng(2).normal(size=(3, 64, 96, 3)).astype(np.float32)
+    mask, label = predict_tta(net, x, hflip=True, scales=(1.0, 0.75, 1.25))
+    assert mask.shape == (3, 64, 96, 1) and label.shape == (3,)
+    assert 0.0 <= float(np.min(mask)) and float(np.max(mask)) <= 1.0
+    # the compiled ensemble takes any batch and image size (multiples of 32)
+    run = ensemble_predictor([net], hflip=False, scales=(1.0, 0.5))
+    assert run(x)[0].shape == (3, 64, 96, 1)
+    small, small_label = run(x[:1, :32, :64])
+    assert small.shape == (1, 32, 64, 1) and small_label.shape == (1,)
+
+
+def test_multiscale_and_ensemble_on_pointwise_models(tf):
+    import keras
+
+    # a constant image through a pointwise model: sigmoid(c + bias) at every scale and flip
+    c = 0.25
+    x = np.full((2, 64, 64, 3), c, np.float32)
+    a, b = _toy(keras, 0.0), _toy(keras, -1.0)
+    mask, label = ensemble_predictor([a, b], scales=(1.0, 0.5, 1.5))(x)
+
+    def sigmoid(v: float) -> float:
+        return 1.0 / (1.0 + np.exp(-v))
+
+    expected = 0.5 * (sigmoid(c) + sigmoid(c - 1.0))
+    np.testing.assert_allclose(mask.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(label.numpy(), [expected, expected], atol=1e-6)

@@ -1,0 +1,127 @@
+"""End to end through the real CLI: synth -> prepare -> train; learning, run folder, kill -9 resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tfpneumo.cli", *args], cwd=cwd, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory) -> Path:
+    """A synthetic dataset at 128 px, prepared (the demo's data, smaller)."""
+    work = tmp_path_factory.mktemp("train_e2e")
+    r = run_cli("synth", "demo-data", "--n-train", "100", "--n-test", "4", "--size", "128",
+                "--seed", "1", cwd=work)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("prepare", "--data", "demo-data", "--out", "demo-cache", "--size", "128",
+                "--workers", "1", cwd=work)
+    assert r.returncode == 0, r.stderr
+    return work
+
+
+@pytest.fixture(scope="module")
+def trained_demo(demo_workdir: Path) -> Path:
+    r = run_cli("train", "--config", str(DEMO), "--fold", "0", cwd=demo_workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "best val Dice" in r.stdout
+    return demo_workdir / "runs" / "demo" / "fold_0"
+
+
+@pytest.mark.slow
+def test_run_folder_has_every_artefact(trained_demo: Path):
+    for name in ("config.yaml", "history.csv", "best.weights.h5", "final.keras", "best.keras",
+                 "swa.keras", "oof.npz", "result.json", "state/state.json"):
+        assert (trained_demo / name).exists(), name
+    assert list((trained_demo / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(list((trained_demo / "checkpoints").glob("*.weights.h5"))) == 2  # top_k: 2
+    header, *rows = (trained_demo / "history.csv").read_text().splitlines()
+    assert header.split(",")[0] == "epoch"
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 9))
+    assert {"lr", "val_dice", "val_label_auc", "val_mask_dice@0.5"} <= set(header.split(","))
+
+
+@pytest.mark.slow
+def test_training_beats_untrained_model_and_empty_baseline(trained_demo: Path, demo_workdir: Path):
+    from tfpneumo.config import load_config
+    from tfpneumo.data.pipeline import eval_dataset
+    from tfpneumo.inference import dice_from_histograms, out_of_fold_statistics
+    from tfpneumo.models.unet import build_model
+
+    import keras
+
+    cfg = load_config(trained_demo / "config.yaml")
+    keras.utils.set_random_seed(cfg.seed)  # the trained run started from this initialisation
+    untrained = build_model(cfg.model)
+    val = eval_dataset(demo_workdir / "demo-cache", 0, cfg, split="val")
+    before = out_of_fold_statistics(untrained, val)
+    with np.load(trained_demo / "oof.npz") as oof:
+        after = {k: oof[k] for k in oof.files}
+    assert list(after["image_id"]) == list(before["image_id"])
+    def best(stats):  # the validation rules: mask alone, or gated by the classification head
+        return max(dice_from_histograms(stats, t, gate) for t in cfg.train.val_thresholds
+                   for gate in (None, 0.5))
+
+    score_before, score_after = best(before), best(after)
+    assert score_after > score_before + 0.1, (score_before, score_after)
+    result = json.loads((trained_demo / "result.json").read_text())
+    assert result["best_val_dice"] > result["empty_baseline"], result
+
+
+@pytest.mark.slow
+def test_kill_during_second_epoch_then_resume(demo_workdir: Path):
+    args = ["train", "--config", str(DEMO), "--fold", "1", "--set", "experiment=killed",
+            "--set", "train.epochs=3", "--set", "train.steps_per_epoch=8",
+            "--set", "train.swa_epochs=0", "--set", "train.tensorboard_images=0"]
+    run = demo_workdir / "runs" / "killed" / "fold_1"
+    proc = subprocess.Popen([sys.executable, "-m", "tfpneumo.cli", *args], cwd=demo_workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (run / "state" / "state.json").exists():
+            assert proc.poll() is None, "training ended before its first epoch was saved"
+            assert time.time() < deadline, "no epoch completed in 300 s"
+            time.sleep(0.2)
+        time.sleep(1.0)  # well inside the second epoch
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = json.loads((run / "state" / "state.json").read_text())
+    assert state["completed_epochs"] == 1
+    saved_iterations = _optimizer_iterations(run)
+    assert saved_iterations == 8
+
+    r = run_cli(*args, cwd=demo_workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr and "after epoch 1" in r.stderr
+    assert "Epoch 1/3" not in r.stdout and "Epoch 2/3" in r.stdout
+    rows = (run / "history.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
+    assert _optimizer_iterations(run) == 24  # the schedule continued where it stopped
+
+
+def _optimizer_iterations(run: Path) -> int:
+    """The optimizer's step counter stored in the run state (the LR position)."""
+    state = json.loads((run / "state" / "state.json").read_text())
+    with np.load(run / "state" / state["arrays"]) as arrays:
+        scalars = [int(arrays[k]) for k in arrays.files
+                   if k.startswith("opt_") and arrays[k].shape == () and arrays[k].dtype.kind == "i"]
+    assert scalars, "no integer optimizer variable (iterations) in the state"
+    return max(scalars)
