@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from tfpneumo import TfpneumoError
 from tfpneumo.config import Config, TrainConfig
 
 # ----------------------------------------------------------------------------- devices
@@ -34,21 +35,39 @@ class Runtime:
                 f"XLA {'on' if self.jit_compile else 'off'}")
 
 
+def choose_strategy_name(cfg: TrainConfig, n_gpus: int, tf_config_env: str | None) -> str:
+    """The strategy ``resolve_runtime`` builds: one_device | mirrored | multi_worker.
+
+    A pure function of the config, the number of GPUs and the ``TF_CONFIG`` environment
+    value (None when unset), so the choice can be tested without building a strategy
+    (``MultiWorkerMirroredStrategy()`` would try to reach the other workers).
+    auto: multi_worker when TF_CONFIG names several workers, mirrored when there are several
+    GPUs, otherwise one_device. Raises TfpneumoError on a TF_CONFIG that is not JSON.
+    """
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    try:
+        tf_config = json.loads(tf_config_env or "{}")
+    except json.JSONDecodeError as e:
+        raise TfpneumoError(f"environment variable TF_CONFIG: not valid JSON ({e.msg})") from None
+    cluster = tf_config.get("cluster", {}) if isinstance(tf_config, dict) else {}
+    workers = cluster.get("worker", []) if isinstance(cluster, dict) else []
+    if len(workers) > 1:
+        return "multi_worker"
+    return "mirrored" if n_gpus > 1 else "one_device"
+
+
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
     """Chooses the strategy, precision and XLA setting.
 
-    auto strategy: MultiWorkerMirroredStrategy when TF_CONFIG names several workers,
-    MirroredStrategy over the GPUs when there are several, otherwise no strategy.
+    auto strategy: see :func:`choose_strategy_name`.
     auto precision: mixed_float16 on GPU (tensor cores, with loss scaling), mixed_bfloat16 on
     TPU, float32 on CPU (measured faster than bfloat16 on this class of CPU; bench_train.py).
     auto XLA: on for one GPU; Keras turns it off under tf.distribute, and on CPU it is slower.
     """
     gpus = tf.config.list_logical_devices("GPU")
     tpus = tf.config.list_logical_devices("TPU")
-    kind = cfg.strategy
-    if kind == "auto":
-        workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-        kind = "multi_worker" if len(workers) > 1 else "mirrored" if len(gpus) > 1 else "one_device"
+    kind = choose_strategy_name(cfg, len(gpus), os.environ.get("TF_CONFIG"))
     if kind == "multi_worker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     elif kind == "mirrored":
@@ -90,10 +109,52 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
         super().build(var_list)
         self._encoder_indices = {i for i, v in enumerate(var_list) if v.path in self.encoder_paths}
 
+    def _is_encoder(self, variable) -> bool:
+        return self._get_variable_index(variable) in self._encoder_indices
+
     def update_step(self, gradient, variable, learning_rate):
-        if self.encoder_lr_mult != 1.0 and self._get_variable_index(variable) in self._encoder_indices:
+        if self.encoder_lr_mult != 1.0 and self._is_encoder(variable):
             learning_rate = keras.ops.multiply(learning_rate, self.encoder_lr_mult)
         super().update_step(gradient, variable, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        """Decoupled decay ``w -= lr * wd * w`` with the encoder's lr scaled like its updates.
+
+        Keras (TF backend) decays every variable with the base lr; PyTorch's AdamW with
+        parameter groups, which a layer-wise lr imitates, decays each group with its own lr.
+        """
+        if self.weight_decay is None or self.encoder_lr_mult == 1.0:
+            super()._apply_weight_decay(variables)
+            return
+
+        def decay(variable, mult):
+            if self._use_weight_decay(variable):
+                lr = tf.cast(self.learning_rate, variable.dtype) * mult
+                variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype) * lr)
+
+        def cross_replica(distribution, variables):
+            for variable in variables:
+                mult = self.encoder_lr_mult if self._is_encoder(variable) else 1.0
+                value = variable.value if isinstance(variable, keras.Variable) else variable
+                distribution.extended.update(value, decay, args=(mult,), group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            cross_replica, self._distribution_strategy, variables)
+
+    def _clip_gradients(self, grads):
+        # Keras clips before its cross-replica sum (in _backend_update_step), so under
+        # MirroredStrategy a global norm would be the norm of one replica's part. Clipping
+        # happens in _backend_update_step instead, after the sum.
+        return grads
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Sums the gradients over replicas, clips them, then updates (TF backend)."""
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        pairs = self._all_reduce_sum_gradients(list(zip(grads, variables, strict=True)))
+        clipped = super()._clip_gradients([g for g, _ in pairs])
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_tf_update_step, self._distribution_strategy,
+            list(zip(clipped, [v for _, v in pairs], strict=True)), learning_rate)
 
     def get_config(self):
         return {**super().get_config(), "encoder_lr_mult": self.encoder_lr_mult}
@@ -132,13 +193,28 @@ class Trainer(keras.Model):
     cond); doing it inside the step needs no cross-replica call until the update.
     """
 
-    def __init__(self, net: keras.Model, accumulation_steps: int = 1, **kwargs):
+    def __init__(self, net: keras.Model, accumulation_steps: int = 1,
+                 gated_thresholds: tuple[float, ...] = (), **kwargs):
         super().__init__(**kwargs)
         self.net = net
         self.accumulation_steps = accumulation_steps
+        # Dice of the mask gated by the classification head (empty when p(label) <= 0.5): with
+        # the mask loss on positive images only, the mask of a negative image is unconstrained
+        # and only the head says it is empty (as in the 2nd and 4th place solutions).
+        from tfpneumo.metrics import KaggleDice
+
+        self.gated_dice = [KaggleDice(threshold=t, name=f"gated_dice@{t:g}")
+                           for t in gated_thresholds]
 
     def call(self, inputs, training=False):
         return self.net(inputs, training=training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self.gated_dice:
+            gate = tf.cast(tf.reshape(y_pred["label"], [-1, 1, 1, 1]) > 0.5, y_pred["mask"].dtype)
+            for metric in self.gated_dice:
+                metric.update_state(y["mask"], y_pred["mask"] * gate)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def _forward_backward(self, x, y, variables):
         with tf.GradientTape() as tape:
@@ -154,7 +230,7 @@ class Trainer(keras.Model):
         if n == 1:
             loss, y_pred, grads = self._forward_backward(x, y, variables)
             self._update_trackers(loss, x)
-            self.optimizer.apply(grads, variables)
+            self.optimizer.apply(self._agree_on_finite(grads), variables)
             return self.compute_metrics(x, y, y_pred)
 
         xs = tf.split(x, n, axis=0)
@@ -171,8 +247,30 @@ class Trainer(keras.Model):
                 total = list(grads)
             else:
                 total = [a if b is None else a + b for a, b in zip(total, grads, strict=True)]
-        self.optimizer.apply([None if g is None else g / n for g in total], variables)
+        grads = [None if g is None else g / n for g in total]
+        self.optimizer.apply(self._agree_on_finite(grads), variables)
         return self.get_metrics_result()
+
+    def _agree_on_finite(self, grads):
+        """Makes every replica's gradients non-finite when any replica's are (loss scaling).
+
+        Keras' LossScaleOptimizer decides whether to skip a step from the first replica's
+        gradients *before* the cross-replica sum; when only another replica overflowed, the
+        inf reached the weights through the sum (measured on 2 logical CPUs: every weight NaN
+        after one step, where one device skips the step and halves the scale).
+        """
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return grads
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            return grads
+        present = [g for g in grads if g is not None]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
+        bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        first = next(i for i, g in enumerate(grads) if g is not None)
+        dtype = grads[first].dtype
+        poison = tf.where(bad > 0, tf.constant(float("nan"), dtype), tf.constant(0.0, dtype))
+        return [g + poison if i == first else g for i, g in enumerate(grads)]
 
     def _update_trackers(self, loss, x):
         from keras.src.losses import loss as loss_module
