@@ -98,6 +98,95 @@ def train(
     typer.echo(train_folds(cfg, fold))
 
 
+@app.command()
+@one_line_errors
+def evaluate(
+    config: ConfigOpt = None,
+    folds: Annotated[str, typer.Option("--fold", "--folds", help="'all' or fold indices, e.g. 0,1.")] = "all",
+    thresholds: Annotated[str, typer.Option(help="Top thresholds: start:stop[:step] or a,b,c.")] = "0.3:0.8",
+    min_areas: Annotated[str, typer.Option(help="Minimum areas in cached pixels, or 'auto'.")] = "auto",
+    bottoms: Annotated[str, typer.Option(help="Bottom (mask) thresholds.")] = "0.2:0.5:0.1",
+    label_thresholds: Annotated[str, typer.Option(help="Classification-head thresholds.")] = "0.3:0.8:0.1",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<experiment>/).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Search thresholds on the out-of-fold predictions (triplet and classifier rules)."""
+    from tfpneumo.evaluate import evaluate as run_evaluate
+
+    cfg = load_config(config, set_ or [])
+    typer.echo(run_evaluate(cfg, folds=folds, thresholds=thresholds, min_areas=min_areas,
+                            bottoms=bottoms, label_thresholds=label_thresholds, out=out))
+
+
+# Options shared by submit and predict: which models, which thresholds, which TTA.
+FoldsOpt = Annotated[str, typer.Option("--folds", help="'all' trained folds or indices, e.g. 0,2.")]
+WeightsOpt = Annotated[str, typer.Option(help="auto (swa, else best) | best | swa | final | topk.")]
+SizeOpt = Annotated[int, typer.Option(help="Prediction size in pixels; masks are written at the DICOM's size.")]
+RuleOpt = Annotated[Optional[str], typer.Option(help="triplet | label | pixel (default: evaluate's best).")]
+TopOpt = Annotated[Optional[float], typer.Option(help="Triplet top threshold.")]
+AreaOpt = Annotated[Optional[int], typer.Option(help="Minimum mask area in pixels at --size.")]
+BottomOpt = Annotated[Optional[float], typer.Option(help="Mask threshold.")]
+LabelOpt = Annotated[Optional[float], typer.Option(help="Classification-head threshold.")]
+ScalesOpt = Annotated[str, typer.Option(help="Multi-scale TTA, e.g. 0.75,1,1.25.")]
+HflipOpt = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal-flip TTA.")]
+
+
+@app.command()
+@one_line_errors
+def submit(
+    config: ConfigOpt = None,
+    out: Annotated[Path, typer.Option(help="Submission CSV to write.")] = Path("submission.csv"),
+    rle: Annotated[str, typer.Option(help="relative (competition) | standard.")] = "relative",
+    sample_submission: Annotated[Optional[Path], typer.Option(help="Sample submission CSV (its ids).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="SIIM folder with dicom-images-test/.")] = None,
+    folds: FoldsOpt = "all", weights: WeightsOpt = "auto", size: SizeOpt = 1024,
+    rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
+    label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
+    set_: SetOpt = None,
+) -> None:
+    """Predict the test DICOMs with the fold ensemble and write a competition submission."""
+    from tfpneumo.submit import submit as run_submit
+
+    cfg = load_config(config, set_ or [])
+    thresholds = {"rule": rule, "top": top, "min_area": min_area, "bottom": bottom,
+                  "label_threshold": label_threshold}
+    typer.echo(run_submit(cfg, out=out, rle=rle, sample_submission=sample_submission, data=data,
+                          folds=folds, weights=weights, size=size, hflip=hflip, scales=scales,
+                          thresholds=thresholds))
+
+
+@app.command()
+@one_line_errors
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="DICOM files.")],
+    out: Annotated[Path, typer.Option(help="Folder for the probability, mask and overlay PNGs.")],
+    config: ConfigOpt = None,
+    folds: FoldsOpt = "all", weights: WeightsOpt = "auto", size: SizeOpt = 1024,
+    rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
+    label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
+    set_: SetOpt = None,
+) -> None:
+    """Probability, mask and overlay PNGs for each DICOM."""
+    from tfpneumo.predict import predict as run_predict
+
+    cfg = load_config(config, set_ or [])
+    thresholds = {"rule": rule, "top": top, "min_area": min_area, "bottom": bottom,
+                  "label_threshold": label_threshold}
+    typer.echo(run_predict(cfg, files, out=out, folds=folds, weights=weights, size=size,
+                           hflip=hflip, scales=scales, thresholds=thresholds))
+
+
+@app.command()
+@one_line_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for data, cache, runs and outputs.")] = Path("tfpneumo-demo"),
+) -> None:
+    """Everything on generated data: synth, prepare, train, evaluate, submit, predict."""
+    from tfpneumo.demo import run_demo
+
+    run_demo(workdir)
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()
 
