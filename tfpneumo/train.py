@@ -149,9 +149,17 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     _, steps = train_dataset(cache, fold, cfg, epochs=epochs,
                              steps_per_epoch=tcfg.steps_per_epoch or None, seed=cfg.seed + fold)
     val_ds = eval_dataset(cache, fold, cfg, split="val")
+    size, val_side = cfg.data.image_size, cache_size(cache)
+    if cfg.data.crop == "resize" and size != val_side:
+        val_side = size
+        # Trained on whole images resized to image_size: validate at that scale too (with
+        # random_crop the scale is the cache's, and validation runs at full cached size).
+        val_ds = val_ds.map(lambda b: {
+            **b, "image": tf.image.resize(b["image"], [size, size], antialias=True),
+            "mask": tf.image.resize(b["mask"], [size, size], method="nearest")})
     # Masks under min_area pixels count as empty (as the competition's top solutions did):
     # a false positive on an empty image costs a whole point.
-    min_area = int(round(tcfg.val_min_area * cache_size(cache) ** 2))
+    min_area = int(round(tcfg.val_min_area * val_side ** 2))
     val_xy = val_ds.map(lambda b: (b["image"], {"mask": b["mask"], "label": b["label"]}))
 
     with runtime.strategy.scope():
