@@ -1,4 +1,5 @@
-"""End to end through the real CLI: synth -> prepare -> train; learning, run folder, kill -9 resume."""
+"""End to end through the real CLI: the demo (synth -> prepare -> train -> evaluate -> submit ->
+predict), learning over the untrained model, the run folder, and kill -9 during training."""
 
 from __future__ import annotations
 
@@ -24,23 +25,48 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def demo_workdir(tmp_path_factory) -> Path:
-    """A synthetic dataset at 128 px, prepared (the demo's data, smaller)."""
-    work = tmp_path_factory.mktemp("train_e2e")
-    r = run_cli("synth", "demo-data", "--n-train", "100", "--n-test", "4", "--size", "128",
-                "--seed", "1", cwd=work)
-    assert r.returncode == 0, r.stderr
-    r = run_cli("prepare", "--data", "demo-data", "--out", "demo-cache", "--size", "128",
-                "--workers", "1", cwd=work)
-    assert r.returncode == 0, r.stderr
-    return work
+    """The README's main command, once: synth, prepare, train fold 0, evaluate, submit, predict."""
+    work = tmp_path_factory.mktemp("demo")
+    r = run_cli("demo", "--workdir", "tfpneumo-demo", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (work / "demo.out").write_text(r.stdout)
+    return work / "tfpneumo-demo"
 
 
 @pytest.fixture(scope="module")
 def trained_demo(demo_workdir: Path) -> Path:
-    r = run_cli("train", "--config", str(DEMO), "--fold", "0", cwd=demo_workdir)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "best val Dice" in r.stdout
     return demo_workdir / "runs" / "demo" / "fold_0"
+
+
+@pytest.mark.slow
+def test_demo_ends_with_submission_table_and_overlay(demo_workdir: Path):
+    out = (demo_workdir.parent / "demo.out").read_text()
+    assert "all-empty" in out and "best rule (pooled)" in out  # the evaluation table
+    assert "all-empty baseline" in out
+    ids = (demo_workdir / "demo-data" / "sample_submission.csv").read_text().splitlines()[1:]
+    rows = (demo_workdir / "submission.csv").read_text().splitlines()
+    assert rows[0] == "ImageId,EncodedPixels"
+    assert [r.split(",")[0] for r in rows[1:]] == [i.split(",")[0] for i in ids]
+    assert len(list((demo_workdir / "predictions").glob("*_overlay.png"))) == 1
+    assert (demo_workdir / "runs" / "demo" / "evaluation_heatmap.png").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_and_submit_run_from_the_command_line_on_the_demo_run(demo_workdir: Path):
+    r = run_cli("evaluate", "--config", str(DEMO), "--thresholds", "0.3:0.6", cwd=demo_workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "all-empty" in r.stdout
+    r = run_cli("submit", "--config", str(DEMO), "--out", "again.csv", "--size", "128",
+                cwd=demo_workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from tfpneumo.data.rle import decode
+
+    for row in (demo_workdir / "again.csv").read_text().splitlines()[1:]:
+        image_id, rle = row.split(",")
+        assert decode(rle, shape=(256, 256)).shape == (256, 256)  # the demo's DICOMs are 256 px
+    r = run_cli("evaluate", "--config", str(DEMO), "--thresholds", "0.6:0.3", cwd=demo_workdir)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
+    assert "start must be <= stop" in r.stderr
 
 
 @pytest.mark.slow
@@ -68,7 +94,7 @@ def test_training_beats_untrained_model_and_empty_baseline(trained_demo: Path, d
     cfg = load_config(trained_demo / "config.yaml")
     keras.utils.set_random_seed(cfg.seed)  # the trained run started from this initialisation
     untrained = build_model(cfg.model)
-    val = eval_dataset(demo_workdir / "demo-cache", 0, cfg, split="val")
+    val = eval_dataset(cfg.data.cache, 0, cfg, split="val")
     before = out_of_fold_statistics(untrained, val)
     with np.load(trained_demo / "oof.npz") as oof:
         after = {k: oof[k] for k in oof.files}
