@@ -84,12 +84,12 @@ def test_run_folder_has_every_artefact(trained_demo: Path):
 
 @pytest.mark.slow
 def test_training_beats_untrained_model_and_empty_baseline(trained_demo: Path, demo_workdir: Path):
+    import keras
+
     from tfpneumo.config import load_config
     from tfpneumo.data.pipeline import eval_dataset
     from tfpneumo.inference import dice_from_histograms, out_of_fold_statistics
     from tfpneumo.models.unet import build_model
-
-    import keras
 
     cfg = load_config(trained_demo / "config.yaml")
     keras.utils.set_random_seed(cfg.seed)  # the trained run started from this initialisation

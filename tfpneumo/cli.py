@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,8 +15,8 @@ from tfpneumo.config import load_config, replace
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SIIM-ACR pneumothorax segmentation on Keras 3 / TensorFlow.")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of overrides.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option(
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of overrides.")]
+SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override one key, e.g. --set data.batch_size=4 (repeatable).")]
 
 
@@ -46,7 +46,7 @@ def synth(
     size: Annotated[int, typer.Option(help="Image side in pixels (SIIM: 1024).")] = 1024,
     positive_rate: Annotated[float, typer.Option(help="Share of images with a pneumothorax.")] = 0.22,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
-    masks_from: Annotated[Optional[Path], typer.Option(
+    masks_from: Annotated[Path | None, typer.Option(
         help="SIIM label CSV whose real mask shapes the pathology is drawn in.")] = None,
 ) -> None:
     """Write a synthetic dataset in the exact SIIM layout (DICOMs + RLE labels)."""
@@ -61,14 +61,14 @@ def synth(
 @one_line_errors
 def prepare(
     data: Annotated[Path, typer.Option(help="SIIM folder: dicom-images-train/, dicom-images-test/, labels.")],
-    out: Annotated[Optional[Path], typer.Option(help="Cache folder to write (default: config data.cache).")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Cached image side in pixels.")] = None,
-    folds: Annotated[Optional[int], typer.Option(help="Number of cross-validation folds.")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="Label CSV (default: found in --data).")] = None,
-    clahe: Annotated[Optional[bool], typer.Option("--clahe/--no-clahe", help="Apply CLAHE when caching.")] = None,
-    group_by_patient: Annotated[Optional[bool], typer.Option(
+    out: Annotated[Path | None, typer.Option(help="Cache folder to write (default: config data.cache).")] = None,
+    size: Annotated[int | None, typer.Option(help="Cached image side in pixels.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Number of cross-validation folds.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Label CSV (default: found in --data).")] = None,
+    clahe: Annotated[bool | None, typer.Option("--clahe/--no-clahe", help="Apply CLAHE when caching.")] = None,
+    group_by_patient: Annotated[bool | None, typer.Option(
         "--group-by-patient/--no-group-by-patient", help="Keep each PatientID within one fold.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes (0 = all cores).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = all cores).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -107,7 +107,7 @@ def evaluate(
     min_areas: Annotated[str, typer.Option(help="Minimum areas in cached pixels, or 'auto'.")] = "auto",
     bottoms: Annotated[str, typer.Option(help="Bottom (mask) thresholds.")] = "0.2:0.5:0.1",
     label_thresholds: Annotated[str, typer.Option(help="Classification-head thresholds.")] = "0.3:0.8:0.1",
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<experiment>/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<experiment>/).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Search thresholds on the out-of-fold predictions (triplet and classifier rules)."""
@@ -122,11 +122,11 @@ def evaluate(
 FoldsOpt = Annotated[str, typer.Option("--folds", help="'all' trained folds or indices, e.g. 0,2.")]
 WeightsOpt = Annotated[str, typer.Option(help="auto (swa, else best) | best | swa | final | topk.")]
 SizeOpt = Annotated[int, typer.Option(help="Prediction size in pixels; masks are written at the DICOM's size.")]
-RuleOpt = Annotated[Optional[str], typer.Option(help="triplet | label | pixel (default: evaluate's best).")]
-TopOpt = Annotated[Optional[float], typer.Option(help="Triplet top threshold.")]
-AreaOpt = Annotated[Optional[int], typer.Option(help="Minimum mask area in pixels at --size.")]
-BottomOpt = Annotated[Optional[float], typer.Option(help="Mask threshold.")]
-LabelOpt = Annotated[Optional[float], typer.Option(help="Classification-head threshold.")]
+RuleOpt = Annotated[str | None, typer.Option(help="triplet | label | pixel (default: evaluate's best).")]
+TopOpt = Annotated[float | None, typer.Option(help="Triplet top threshold.")]
+AreaOpt = Annotated[int | None, typer.Option(help="Minimum mask area in pixels at --size.")]
+BottomOpt = Annotated[float | None, typer.Option(help="Mask threshold.")]
+LabelOpt = Annotated[float | None, typer.Option(help="Classification-head threshold.")]
 ScalesOpt = Annotated[str, typer.Option(help="Multi-scale TTA, e.g. 0.75,1,1.25.")]
 HflipOpt = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal-flip TTA.")]
 
@@ -137,8 +137,8 @@ def submit(
     config: ConfigOpt = None,
     out: Annotated[Path, typer.Option(help="Submission CSV to write.")] = Path("submission.csv"),
     rle: Annotated[str, typer.Option(help="relative (competition) | standard.")] = "relative",
-    sample_submission: Annotated[Optional[Path], typer.Option(help="Sample submission CSV (its ids).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="SIIM folder with dicom-images-test/.")] = None,
+    sample_submission: Annotated[Path | None, typer.Option(help="Sample submission CSV (its ids).")] = None,
+    data: Annotated[Path | None, typer.Option(help="SIIM folder with dicom-images-test/.")] = None,
     folds: FoldsOpt = "all", weights: WeightsOpt = "auto", size: SizeOpt = 1024,
     rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
     label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
