@@ -16,6 +16,7 @@ Shared with :mod:`tfpneumo.predict`: :func:`load_ensemble`, :func:`resolve_thres
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -558,7 +559,10 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     except OSError as e:
         raise SubmitError(f"{e.filename or out}: cannot write ({e.strerror or e})") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        # Best effort: when out's folder could not be made, unlinking raises NotADirectoryError,
+        # which would replace the one-line SubmitError above with a traceback.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     tta = "hflip" if hflip else "no flip"
     if scales != (1.0,):
         tta += f", scales {','.join(f'{s:g}' for s in scales)}"

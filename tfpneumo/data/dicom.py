@@ -78,6 +78,16 @@ def _meta(ds: Any) -> dict:
     }
 
 
+def _header(path: Path, ds: Any) -> dict:
+    """:func:`_meta` with errors turned into :class:`DicomError`: pydicom converts element
+    values lazily, on first access, so a corrupt header element (an unknown VR, a bad
+    length) only raises here, as NotImplementedError, ValueError, ..."""
+    try:
+        return _meta(ds)
+    except Exception as e:
+        raise DicomError(f"{path}: corrupt DICOM header ({_first_line(e)})") from e
+
+
 def _first_line(e: BaseException) -> str:
     """``"Type: first line"`` of an exception; a line ending in ':' gets the next one too."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
@@ -121,10 +131,10 @@ def read_header(path: str | Path) -> dict:
     with pydicom.config.disable_value_validation(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds, _ = _read(path, stop_before_pixels=True)
-        meta = _meta(ds)
+        meta = _header(path, ds)
         try:
             meta["height"], meta["width"] = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-        except (TypeError, ValueError) as e:
+        except Exception as e:  # also the lazy parsing errors of a corrupt element
             raise DicomError(f"{path}: invalid Rows/Columns ({_first_line(e)})") from e
     return meta
 
@@ -164,8 +174,11 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
             pixels = ds.pixel_array
         except Exception as e:  # decoders (pillow, numpy) raise many types on corrupt data
             raise DicomError(f"{path}: cannot decode pixel data ({_first_line(e)})") from e
-        meta = _meta(ds)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        meta = _header(path, ds)
+        try:
+            photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        except Exception as e:  # lazy parsing of a corrupt element, see _header
+            raise DicomError(f"{path}: corrupt DICOM header ({_first_line(e)})") from e
     if pixels.ndim != 2:
         raise DicomError(f"{path}: expected one 2-D grayscale frame, got pixel array of shape "
                          f"{pixels.shape} ({photometric})")
