@@ -134,7 +134,8 @@ def _class_stream(files: list[str], size: int, cfg: Config, use_cache: bool,
 def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
                   global_batch_size: int | None = None, epochs: int,
                   steps_per_epoch: int | None = None, seed: int | None = None,
-                  initial_epoch: int = 0, vectorize: bool = True):
+                  initial_epoch: int = 0, vectorize: bool = True,
+                  service: str | None = None):
     """Infinite augmented training batches and the number of steps per epoch.
 
     Args:
@@ -148,6 +149,12 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
             resumed run does not replay epoch 0's draws.
         initial_epoch: epoch the stream starts at (resume); the schedule starts there.
         vectorize: augment whole batches (True, faster) or single images (False).
+        service: a tf.data service dispatcher (``"grpc://host:port"``, e.g. from
+            :func:`tfpneumo.data.service.start_local_service`): the augmented batches are then
+            made by its workers (``distributed_epoch``: each record file goes to one worker)
+            and this process only reads them. None (default): everything runs here. The
+            heavy albumentations path (``tf.numpy_function``) cannot run in a service worker.
+            Consumers of one dispatcher share the job ``tfpneumo-train`` and split its stream.
 
     Returns:
         ``(dataset, steps_per_epoch)``; elements ``(images, {"mask": masks, "label": labels})``
@@ -162,6 +169,10 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
         raise PipelineError(f"global_batch_size {batch}: must be >= 1")
     if epochs < 1:
         raise PipelineError(f"epochs {epochs}: must be >= 1")
+    if service and cfg.augment.heavy:  # a worker process has no copy of the Python callable
+        raise PipelineError("augment: elastic/grid/optical distortion and CLAHE run in "
+                            "tf.numpy_function, which a tf.data service worker cannot run; "
+                            "set their _p to 0 or train without service")
     folds = _train_folds(cache)
     if not folds:
         raise PipelineError(f"{cache}: no complete training shards (train-f*-*.tfrecord + .json)")
@@ -245,7 +256,11 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
 
     options = tf.data.Options()
     options.deterministic = True
-    ds = ds.with_options(options).prefetch(AUTOTUNE)
+    ds = ds.with_options(options)
+    if service:
+        ds = ds.apply(tf.data.experimental.service.distribute(
+            "distributed_epoch", service, job_name="tfpneumo-train"))
+    ds = ds.prefetch(AUTOTUNE)
     return ds, int(steps_per_epoch)
 
 
