@@ -89,6 +89,13 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path(".")) -> dict:
     _check_same_config(cfg, run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     runtime = resolve_runtime(cfg.train)
+    if runtime.strategy_name == "multi_worker":
+        # Keras 3.15's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585,
+        # #20329); the strategy and our train step work (tests/test_scaleout.py runs them with
+        # a custom loop), fit does not yet.
+        raise TfpneumoError("train.strategy multi_worker: Keras 3.15 model.fit does not run under "
+                            "MultiWorkerMirroredStrategy (keras-team/keras#20585); train on one "
+                            "machine (mirrored over its GPUs) for now")
     print(f"fold {fold}: {runtime.describe()}", file=sys.stderr)
     stages = cfg.stage_configs()
     previous: Path | None = None

@@ -65,17 +65,20 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     TPU, float32 on CPU (measured faster than bfloat16 on this class of CPU; bench_train.py).
     auto XLA: on for one GPU; Keras turns it off under tf.distribute, and on CPU it is slower.
     """
-    gpus = tf.config.list_logical_devices("GPU")
-    tpus = tf.config.list_logical_devices("TPU")
+    # Physical devices only: listing logical devices starts the runtime, after which
+    # MultiWorkerMirroredStrategy fails ("Collective ops must be configured at program startup").
+    gpus = tf.config.list_physical_devices("GPU")
     kind = choose_strategy_name(cfg, len(gpus), os.environ.get("TF_CONFIG"))
     if kind == "multi_worker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    elif kind == "mirrored":
+    gpus = tf.config.list_logical_devices("GPU")
+    tpus = tf.config.list_logical_devices("TPU")
+    if kind == "mirrored":
         # Several logical CPUs stand in for GPUs in tests; MirroredStrategy() alone would
         # take only /cpu:0 when there is no GPU.
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices=devices)
-    else:
+    elif kind == "one_device":
         strategy = tf.distribute.get_strategy()
     precision = cfg.precision
     if precision == "auto":
