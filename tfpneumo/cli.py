@@ -11,6 +11,7 @@ import typer
 
 from tfpneumo import TfpneumoError
 from tfpneumo.config import load_config, replace
+from tfpneumo.tfimport import quiet_tensorflow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SIIM-ACR pneumothorax segmentation on Keras 3 / TensorFlow.")
@@ -93,6 +94,7 @@ def train(
 ) -> None:
     """Train a fold (resumable) into runs/<experiment>/fold_<k>/."""
     cfg = load_config(config, set_ or [])
+    quiet_tensorflow()
     from tfpneumo.train import train as train_folds
 
     typer.echo(train_folds(cfg, fold))
@@ -145,6 +147,7 @@ def submit(
     set_: SetOpt = None,
 ) -> None:
     """Predict the test DICOMs with the fold ensemble and write a competition submission."""
+    quiet_tensorflow()
     from tfpneumo.submit import submit as run_submit
 
     cfg = load_config(config, set_ or [])
@@ -167,6 +170,7 @@ def predict(
     set_: SetOpt = None,
 ) -> None:
     """Probability, mask and overlay PNGs for each DICOM."""
+    quiet_tensorflow()
     from tfpneumo.predict import predict as run_predict
 
     cfg = load_config(config, set_ or [])
@@ -182,6 +186,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for data, cache, runs and outputs.")] = Path("tfpneumo-demo"),
 ) -> None:
     """Everything on generated data: synth, prepare, train, evaluate, submit, predict."""
+    quiet_tensorflow()
     from tfpneumo.demo import run_demo
 
     run_demo(workdir)
