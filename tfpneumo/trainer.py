@@ -62,7 +62,9 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
 
     auto strategy: see :func:`choose_strategy_name`.
     auto precision: mixed_float16 on GPU (tensor cores, with loss scaling), mixed_bfloat16 on
-    TPU, float32 on CPU (measured faster than bfloat16 on this class of CPU; bench_train.py).
+    TPU, float32 on CPU: mixed_bfloat16 measured ~1.4x more images per CPU-second on an
+    avx512_bf16 CPU (bench_train.py), but the demo did not learn in it within its minute;
+    set it explicitly.
     auto XLA: on for one GPU; Keras turns it off under tf.distribute, and on CPU it is slower.
     """
     # Physical devices only: listing logical devices starts the runtime, after which

@@ -30,9 +30,11 @@ class BilinearUpSampling2D(keras.layers.Layer):
         import tensorflow as tf  # the TensorFlow backend is the only one tfpneumo supports
 
         shape = tf.shape(inputs)
-        out = tf.image.resize(inputs, (shape[1] * self.size, shape[2] * self.size),
-                              method="bilinear")
-        return tf.cast(out, inputs.dtype)  # resize computes and returns float32
+        # Resize in float32: its gradient under XLA rejects a half-precision input mixed with
+        # its float32 output ("Seen floating point types of different precisions").
+        out = tf.image.resize(tf.cast(inputs, tf.float32),
+                              (shape[1] * self.size, shape[2] * self.size), method="bilinear")
+        return tf.cast(out, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         b, h, w, c = input_shape
