@@ -326,13 +326,13 @@ def cache_clahe(cfg: Config) -> bool:
 def load_image(path: Path, size: int, clahe: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One DICOM as the network sees it: ``(size, size) uint8`` (resampled like the cache) and
     its original ``(H, W) uint8`` pixels. Raises DicomError naming the file."""
-    from tfpneumo.data.prepare import _resize
+    from tfpneumo.data.prepare import resize_image
 
     pixels, _ = read_dicom(path)
     if pixels.shape == (size, size):
         image = pixels
     elif pixels.shape[0] == pixels.shape[1]:
-        image = _resize(pixels, size)
+        image = resize_image(pixels, size)
     else:  # not SIIM (square) data: squash, as the network only takes square inputs here
         import cv2
 
@@ -526,11 +526,11 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     nets = [load_model_file(p) for p in files]
 
     from tfpneumo.data.pipeline import normalize
-    from tfpneumo.data.prepare import _Progress
+    from tfpneumo.data.prepare import Progress
     from tfpneumo.inference import ensemble_predictor
 
     predictor = ensemble_predictor(nets, hflip=hflip, scales=scales)
-    bar = _Progress(f"submit {out}", len(items), progress)
+    bar = Progress(f"submit {out}", len(items), progress)
     tmp = out.with_name(out.name + ".tmp")
     shapes: dict[str, tuple[int, int]] = {}
     positives = 0

@@ -113,7 +113,7 @@ def _chunks(seq: Sequence, n: int) -> list[Sequence]:
     return [seq[i:i + n] for i in range(0, len(seq), n)]
 
 
-class _Progress:
+class Progress:
     """A one-line progress display on stderr (redrawn only on a TTY) plus a final line."""
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
@@ -145,7 +145,7 @@ class _Progress:
 
 # ----------------------------------------------------------------------------- per image
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     import cv2
 
     if image.shape == (size, size):
@@ -166,7 +166,7 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """
     if mask.shape == (size, size):
         return mask.astype(np.uint8)
-    cover = _resize(mask.astype(np.float32), size)
+    cover = resize_image(mask.astype(np.float32), size)
     out = cover >= 0.5
     if not out.any() and mask.any():
         out = cover > 0
@@ -198,7 +198,7 @@ def _load(item: Item, size: int, clahe: bool, labels: str) -> tuple[np.ndarray, 
         if item.has_mask == 1 and not full.any():
             raise _Skip(f"{labels} rows {list(item.lines)}: positive image whose mask is empty")
         mask = resize_mask(full, size)
-    image = _resize(pixels, size)
+    image = resize_image(pixels, size)
     if clahe:
         import cv2
 
@@ -464,7 +464,7 @@ def _is_done(task: ShardTask, out: Path) -> dict | None:
 # ----------------------------------------------------------------------------- running
 
 def _run(tasks: list[ShardTask], out: Path, workers: int, pool_factory,
-         progress: _Progress) -> list[dict]:
+         progress: Progress) -> list[dict]:
     """Writes ``tasks``; in this process when one worker suffices, else in the pool."""
     results: list[dict] = []
     if workers <= 1 or len(tasks) <= 1:
@@ -571,7 +571,7 @@ def prepare_cache(data_dir: str | Path, out: str | Path, cfg: Config,
         _remove_stale(out, {t.name for t in tasks})
         done = {t.name: s for t in tasks if (s := _is_done(t, out)) is not None}
         pending = [t for t in tasks if t.name not in done]
-        bar = _Progress(f"prepare {out}", sum(len(t.items) for t in pending),
+        bar = Progress(f"prepare {out}", sum(len(t.items) for t in pending),
                         progress and bool(pending))
         for sidecar in _run(pending, out, workers, pool_factory, bar):
             done[sidecar["shard"]] = sidecar
