@@ -133,6 +133,12 @@ ScalesOpt = Annotated[str, typer.Option(help="Multi-scale TTA, e.g. 0.75,1,1.25.
 HflipOpt = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal-flip TTA.")]
 
 
+def _thresholds(rule, top, min_area, bottom, label_threshold) -> dict:
+    """The command-line threshold overrides of submit and predict (None = from evaluate)."""
+    return {"rule": rule, "top": top, "min_area": min_area, "bottom": bottom,
+            "label_threshold": label_threshold}
+
+
 @app.command()
 @one_line_errors
 def submit(
@@ -151,11 +157,9 @@ def submit(
     from tfpneumo.submit import submit as run_submit
 
     cfg = load_config(config, set_ or [])
-    thresholds = {"rule": rule, "top": top, "min_area": min_area, "bottom": bottom,
-                  "label_threshold": label_threshold}
     typer.echo(run_submit(cfg, out=out, rle=rle, sample_submission=sample_submission, data=data,
                           folds=folds, weights=weights, size=size, hflip=hflip, scales=scales,
-                          thresholds=thresholds))
+                          thresholds=_thresholds(rule, top, min_area, bottom, label_threshold)))
 
 
 @app.command()
@@ -174,10 +178,9 @@ def predict(
     from tfpneumo.predict import predict as run_predict
 
     cfg = load_config(config, set_ or [])
-    thresholds = {"rule": rule, "top": top, "min_area": min_area, "bottom": bottom,
-                  "label_threshold": label_threshold}
     typer.echo(run_predict(cfg, files, out=out, folds=folds, weights=weights, size=size,
-                           hflip=hflip, scales=scales, thresholds=thresholds))
+                           hflip=hflip, scales=scales,
+                           thresholds=_thresholds(rule, top, min_area, bottom, label_threshold)))
 
 
 @app.command()

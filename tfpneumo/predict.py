@@ -25,9 +25,7 @@ from tfpneumo.data.labels import check_id
 from tfpneumo.submit import (
     SubmitError,
     cache_clahe,
-    check_scales,
-    check_size,
-    default_batch_size,
+    check_inference_options,
     ensemble_files,
     full_size_prob,
     image_batches,
@@ -125,11 +123,7 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: Any = "all"
     start = time.perf_counter()
     if not files:
         raise SubmitError("no DICOM files given")
-    check_size(size)
-    scales = check_scales(scales)
-    if batch_size is not None and batch_size < 1:
-        raise SubmitError(f"--batch-size {batch_size}: must be >= 1")
-    batch_size = batch_size or default_batch_size(cfg, size)
+    scales, batch_size = check_inference_options(cfg, size, scales, batch_size)
     items = _items(files)
     rule, source = resolve_thresholds(cfg, workdir, thresholds, size)
     model_files = ensemble_files(cfg, workdir, folds, weights)

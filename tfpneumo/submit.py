@@ -489,6 +489,17 @@ def match_test_files(ids: Sequence[str], test_dir: Path) -> list[tuple[str, Path
 
 # ----------------------------------------------------------------------------- submit
 
+def check_inference_options(cfg: Config, size: int, scales, batch_size: int | None
+                            ) -> tuple[tuple[float, ...], int]:
+    """Validates --size, --scales and --batch-size of submit and predict; returns the parsed
+    scales and the batch size (default: :func:`default_batch_size`)."""
+    check_size(size)
+    scales = check_scales(scales)
+    if batch_size is not None and batch_size < 1:
+        raise SubmitError(f"--batch-size {batch_size}: must be >= 1")
+    return scales, batch_size or default_batch_size(cfg, size)
+
+
 def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relative",
            sample_submission: Path | None = None, data: Path | None = None,
            folds: Any = "all", weights: str = "auto",
@@ -510,11 +521,7 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     start = time.perf_counter()
     if rle not in rle_codec.FORMATS:
         raise SubmitError(f"--rle {rle!r}: expected one of {', '.join(rle_codec.FORMATS)}")
-    check_size(size)
-    scales = check_scales(scales)
-    if batch_size is not None and batch_size < 1:
-        raise SubmitError(f"--batch-size {batch_size}: must be >= 1")
-    batch_size = batch_size or default_batch_size(cfg, size)
+    scales, batch_size = check_inference_options(cfg, size, scales, batch_size)
     out = Path(out)
     data = resolve_data(cfg, data)
     sample = resolve_sample(data, sample_submission)
