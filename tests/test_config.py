@@ -48,11 +48,19 @@ def test_overrides_file_then_set(tmp_path):
         ("train.val_thresholds=[0.5, 2]", "train.val_thresholds"),
         ("train.stages=[{name: a, set: {data.nope: 1}}]", "train.stages.a.data.nope"),
         ("experiment=../x", "experiment"),
+        ("data.service=local:0", "data.service"),
+        ("data.service=http://host:5050", "data.service"),
+        ("data.service=host", "data.service"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"config key {key.replace('.', '[.]')}"):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("spec", ["local", "local:3", "grpc://hostA:5050", "10.0.0.2:5050"])
+def test_data_service_specs(spec):
+    assert load_config(None, [f"data.service={spec}"]).data.service == spec
 
 
 def test_yaml_with_python_tags_is_refused(tmp_path):

@@ -140,16 +140,65 @@ def test_start_local_service_rejects_no_workers():
         start_local_service(0)
 
 
-def test_train_dataset_service_refuses_heavy_augmentation(tmp_path):
-    """Measured: a tf.numpy_function dataset fails in a service worker ("Could not find
-    callback with key=pyfunc_0"); train_dataset says so before any service is contacted."""
-    from test_pipeline import cfg_with
+def _child_heavy_service(out: Path, cache: Path) -> None:
+    """albumentations (elastic) inside service workers: 1 worker vs in-process, then 2 workers."""
+    from test_pipeline import COUNTS, OFF, cfg_with, write_shards
 
-    from tfpneumo.data.pipeline import PipelineError, train_dataset
+    from tfpneumo.data.pipeline import train_dataset
+    from tfpneumo.data.service import start_local_service, stop_local_service
 
-    with pytest.raises(PipelineError, match="tf.data service worker cannot run"):
-        train_dataset(tmp_path, 0, cfg_with(augment={"elastic_p": 1.0}), epochs=1,
-                      service="grpc://127.0.0.1:1")
+    write_shards(cache, COUNTS)
+    cfg = cfg_with(augment={**OFF, "elastic_p": 1.0})
+    plain_cfg = cfg_with(augment=OFF)
+    local = list(train_dataset(cache, 1, cfg, epochs=2)[0].take(3).as_numpy_iterator())
+    plain = list(train_dataset(cache, 1, plain_cfg, epochs=2)[0].take(3).as_numpy_iterator())
+    res = {}
+    for n_workers in (1, 2):
+        address, handles = start_local_service(n_workers, augments=[cfg.augment])
+        try:
+            ds, _ = train_dataset(cache, 1, cfg, epochs=2, service=address)
+            batches = list(ds.take(4).as_numpy_iterator())
+        finally:
+            stop_local_service(handles)
+        masks = np.stack([y["mask"] for _, y in batches])
+        res[n_workers] = {
+            "binary_masks": bool(np.isin(masks, [0.0, 1.0]).all()),
+            "shapes": [list(x.shape) for x, _ in batches],
+            "distinct_batches": len({x.tobytes() for x, _ in batches}),
+        }
+        if n_workers == 1:  # one worker runs the same graph as this process: same stream
+            res["equal_to_local"] = all(
+                np.array_equal(x, lx) and np.array_equal(y["mask"], ly["mask"])
+                for (x, y), (lx, ly) in zip(batches, local, strict=False))
+    res["elastic_moved_pixels"] = all(not np.array_equal(x, px) for (x, _), (px, _)
+                                      in zip(local, plain, strict=True))
+    out.write_text(json.dumps(res))
+
+
+def test_heavy_augmentations_run_in_service_workers(tmp_path):
+    """The albumentations op is named by a token of the settings (augment.register_heavy), so a
+    worker process that registered them runs it; before, it failed with "Could not find
+    callback with key=pyfunc_0"."""
+    out = tmp_path / "heavy.json"
+    run_children([[sys.executable, str(THIS), "heavy", str(out), str(tmp_path / "cache")]],
+                 [child_env()])
+    res = json.loads(out.read_text())
+    assert res["equal_to_local"] and res["elastic_moved_pixels"]
+    for n_workers in ("1", "2"):
+        assert res[n_workers]["binary_masks"]
+        assert res[n_workers]["shapes"] == [[8, 64, 64, 3]] * 4
+        assert res[n_workers]["distinct_batches"] == 4
+
+
+def test_input_service_specs():
+    from tfpneumo.data.service import input_service
+
+    with input_service(None) as address:
+        assert address is None
+    with input_service("hostA:5050") as address:
+        assert address == "grpc://hostA:5050"
+    with input_service("grpc://10.0.0.2:5050") as address:
+        assert address == "grpc://10.0.0.2:5050"
 
 
 # ----------------------------------------------------------------------------- multi-worker
@@ -280,6 +329,8 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "service":
         _child_service(Path(args[0]), Path(args[1]))
+    elif mode == "heavy":
+        _child_heavy_service(Path(args[0]), Path(args[1]))
     elif mode == "multi_worker":
         _child_multi_worker(Path(args[0]), int(args[1]))
     else:

@@ -183,6 +183,36 @@ def predict(
                            thresholds=_thresholds(rule, top, min_area, bottom, label_threshold)))
 
 
+@app.command("data-service")
+@one_line_errors
+def data_service(
+    port: Annotated[int, typer.Option(help="Port of the dispatcher (all interfaces).")] = 5050,
+) -> None:
+    """Run a tf.data service dispatcher; trainers use --set data.service=grpc://HOST:PORT."""
+    from tfpneumo.data.service import serve_dispatcher
+
+    typer.echo(f"tf.data service dispatcher on port {port}; Ctrl-C stops it", err=True)
+    serve_dispatcher(port)
+
+
+@app.command("data-worker")
+@one_line_errors
+def data_worker(
+    dispatcher: Annotated[str, typer.Option(help="The dispatcher, HOST:PORT or grpc://HOST:PORT.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    host: Annotated[str | None, typer.Option(help="Name trainers reach this worker by (default: FQDN).")] = None,
+    port: Annotated[int, typer.Option(help="Port of this worker (0: any free port).")] = 0,
+) -> None:
+    """Run a tf.data service worker: training preprocessing for the config's augmentations."""
+    from tfpneumo.data.service import serve_worker
+
+    cfg = load_config(config, set_ or [])
+    typer.echo(f"tf.data service worker for {dispatcher}; Ctrl-C stops it", err=True)
+    serve_worker(dispatcher, [stage_cfg.augment for _, stage_cfg in cfg.stage_configs()], host=host,
+                 port=port)
+
+
 @app.command()
 @one_line_errors
 def demo(

@@ -8,6 +8,7 @@ only. Unknown keys and invalid values raise :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import yaml
 from tfpneumo import TfpneumoError
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# data.service: local worker processes (local or local:N) or a dispatcher's address.
+SERVICE_RE = r"local(:[1-9][0-9]*)?|(grpc://)?(?!local:)[A-Za-z0-9.\-\[\]:]+:[0-9]+"
 
 
 class ConfigError(TfpneumoError):
@@ -54,6 +57,7 @@ class DataConfig:
     cache_in_memory: Literal["auto", "always", "never"] = "auto"
     memory_budget_gb: float = 4.0
     num_parallel_calls: int = -1
+    service: str | None = None
 
     def validate(self, prefix: str) -> None:
         _check(self.image_size >= 32 and self.image_size % 32 == 0, prefix, "image_size",
@@ -67,6 +71,8 @@ class DataConfig:
         _check(self.shuffle_buffer >= 1, prefix, "shuffle_buffer", "must be >= 1")
         _check(self.num_parallel_calls == -1 or self.num_parallel_calls >= 1, prefix,
                "num_parallel_calls", "must be -1 (AUTOTUNE) or >= 1")
+        _check(self.service is None or re.fullmatch(SERVICE_RE, self.service) is not None, prefix,
+               "service", "must be null, local, local:N (N >= 1 worker processes) or grpc://host:port")
 
 
 @dataclass(frozen=True)

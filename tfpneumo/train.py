@@ -73,15 +73,23 @@ def train(cfg: Config, fold: str, workdir: Path = Path(".")) -> str:
             raise TfpneumoError(f"--fold {fold!r}: expected a fold index or 'all'") from None
         if not 0 <= folds[0] < n_folds:
             raise TfpneumoError(f"--fold {fold}: the cache {cfg.data.cache} has folds 0..{n_folds - 1}")
+    from tfpneumo.data.service import input_service
+
     lines = []
-    for k in folds:
-        result = train_fold(cfg, k, workdir)
-        lines.append(f"fold {k}: best val Dice {result['best_val_dice']:.4f} "
-                     f"(all-empty baseline {result['empty_baseline']:.4f}) -> {result['run_dir']}")
+    augments = [stage_cfg.augment for _, stage_cfg in cfg.stage_configs()]
+    with input_service(cfg.data.service, augments) as service:
+        if service:
+            print(f"input: tf.data service {service} ({cfg.data.service})", file=sys.stderr)
+        for k in folds:
+            result = train_fold(cfg, k, workdir, service=service)
+            lines.append(f"fold {k}: best val Dice {result['best_val_dice']:.4f} "
+                         f"(all-empty baseline {result['empty_baseline']:.4f}) -> {result['run_dir']}")
     return "\n".join(lines)
 
 
-def train_fold(cfg: Config, fold: int, workdir: Path = Path(".")) -> dict:
+def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str | None = None) -> dict:
+    """Trains one fold through every stage; ``service``: a tf.data service dispatcher address
+    (from :func:`tfpneumo.data.service.input_service`) that makes the training batches."""
     run_dir = fold_dir(cfg, fold, workdir)
     result_path = run_dir / "result.json"
     if result_path.exists():
@@ -102,7 +110,7 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path(".")) -> dict:
     result: dict = {}
     for i, (name, stage_cfg) in enumerate(stages):
         stage_dir = run_dir if len(stages) == 1 else run_dir / "stages" / name
-        result = train_stage(stage_cfg, fold, stage_dir, runtime, init_weights=previous)
+        result = train_stage(stage_cfg, fold, stage_dir, runtime, init_weights=previous, service=service)
         previous = stage_dir / "final.weights.h5"
         if len(stages) > 1 and i == len(stages) - 1:
             for artefact in ("final.keras", "best.keras", "swa.keras", "topk.keras", "oof.npz",
@@ -122,7 +130,7 @@ def _check_same_config(cfg: Config, run_dir: Path) -> None:
 
 
 def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
-                init_weights: Path | None = None) -> dict:
+                init_weights: Path | None = None, service: str | None = None) -> dict:
     """Trains one stage in ``stage_dir``, resuming from its last completed epoch."""
     from tfpneumo.data.pipeline import eval_dataset, train_dataset
     from tfpneumo.losses import build_losses
@@ -219,9 +227,17 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
             compile_trainer()
         train_ds, _ = train_dataset(cache, fold, cfg, epochs=epochs,
                                     steps_per_epoch=tcfg.steps_per_epoch or None,
-                                    seed=cfg.seed + fold, initial_epoch=phase_start)
-        trainer.fit(train_ds, epochs=phase_end, initial_epoch=phase_start, steps_per_epoch=steps,
-                    validation_data=val_xy, callbacks=callbacks, verbose=verbose)
+                                    seed=cfg.seed + fold, initial_epoch=phase_start, service=service)
+        try:
+            trainer.fit(train_ds, epochs=phase_end, initial_epoch=phase_start, steps_per_epoch=steps,
+                        validation_data=val_xy, callbacks=callbacks, verbose=verbose)
+        except tf.errors.OpError as e:
+            if service and "tfpneumo_heavy_" in str(e):  # token of augment.register_heavy
+                raise TfpneumoError(
+                    f"data.service {cfg.data.service}: its workers were started for other augment "
+                    "settings than this config's (elastic/grid/optical/CLAHE); start `tfpneumo "
+                    "data-worker` with the same --config and --set") from None
+            raise
         if state.nan_at is not None:
             epoch, batch = state.nan_at
             good = (f"last good state: epoch {state.completed_epochs} in {stage_dir / 'state'}"

@@ -13,11 +13,16 @@ augmentation on every run. The functions work on batches ``(B, C, C, 1)``; a sin
 a batch of one.
 
 Heavy transforms that TensorFlow lacks (elastic, grid and optical distortion, CLAHE) run
-through albumentations inside ``tf.numpy_function`` when ``AugmentConfig.heavy`` is true.
+through albumentations in a Python graph op (``PyFuncStateless``) when ``AugmentConfig.heavy``
+is true. The op names its callable by a token derived from the augmentation settings
+(:func:`register_heavy`), not by TensorFlow's per-process counter, so a tf.data service worker
+process that registered the same settings can run the graph (:mod:`tfpneumo.data.service`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import threading
 from typing import Literal
@@ -189,6 +194,17 @@ def augment_batch(images, masks, seed, aug: AugmentConfig, out_size: int,
     Returns:
         images ``(B, S, S, 3)`` float32 ImageNet-normalised, masks ``(B, S, S, 1)`` float32 0/1.
     """
+    return finish_batch(*augment_batch_uint8(images, masks, seed, aug, out_size, crop))
+
+
+def augment_batch_uint8(images, masks, seed, aug: AugmentConfig, out_size: int,
+                        crop: Literal["resize", "random_crop"] = "resize"):
+    """The resampling part of :func:`augment_batch`, before the grey-level lookup.
+
+    Returns ``(images (B, S, S, 1) uint8, masks (B, S, S, 1) uint8, luts (B, 256, 3) float32)``:
+    a twelfth of the bytes of the float32 RGB result, which is what a tf.data service worker
+    sends to the trainer; :func:`finish_batch` completes it there.
+    """
     tf = _tf()
     in_size = int(images.shape[1])
     batch = tf.shape(images)[0]
@@ -206,11 +222,18 @@ def augment_batch(images, masks, seed, aug: AugmentConfig, out_size: int,
             maxval=2**31 - 1,
             dtype=tf.int64)
         img, msk = heavy_batch(img, msk, heavy_seeds, aug)
-    out = apply_lut(img, color_lut(params))
-    out.set_shape([images.shape[0], out_size, out_size, 3])
-    msk = tf.cast(msk, tf.float32)
+    img.set_shape([images.shape[0], out_size, out_size, 1])
     msk.set_shape([images.shape[0], out_size, out_size, 1])
-    return out, msk
+    return img, msk, color_lut(params)
+
+
+def finish_batch(images_u8, masks_u8, luts):
+    """uint8 output of :func:`augment_batch_uint8` -> (images float32 RGB normalised, masks
+    float32 0/1), shapes as in :func:`augment_batch`."""
+    tf = _tf()
+    out = apply_lut(images_u8, luts)
+    out.set_shape(images_u8.shape[:3].concatenate([3]))
+    return out, tf.cast(masks_u8, tf.float32)
 
 
 # ----------------------------------------------------------------------------- albumentations
@@ -254,15 +277,43 @@ def heavy_numpy(images: np.ndarray, masks: np.ndarray, seeds: np.ndarray,
     return out_img, out_msk
 
 
+# Callables registered by register_heavy, by token. TensorFlow's registry holds weak references
+# only; this keeps them alive for the life of the process.
+_HEAVY_CALLABLES: dict[str, object] = {}
+
+
+def heavy_token(aug: AugmentConfig) -> str:
+    """The graph token naming the heavy transform of ``aug``: the same in every process."""
+    fields = sorted(dataclasses.asdict(aug).items())
+    return "tfpneumo_heavy_" + hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
+
+
+def register_heavy(aug: AugmentConfig) -> str:
+    """Registers :func:`heavy_numpy` for ``aug`` with TensorFlow's Python-op registry under
+    :func:`heavy_token` (idempotent) and returns the token.
+
+    ``tf.numpy_function`` would register it as ``pyfunc_<n>`` with a per-process counter, which
+    another process (a tf.data service worker) cannot resolve. There is no public way to choose
+    the key, so this writes into ``script_ops._py_funcs`` (checked by tests/test_augment.py).
+    """
+    token = heavy_token(aug)
+    if token not in _HEAVY_CALLABLES:
+        _tf()
+        from tensorflow.python.ops import script_ops
+
+        def run(images, masks, seeds):
+            return heavy_numpy(images, masks, seeds, aug)
+
+        _HEAVY_CALLABLES[token] = run
+        script_ops._py_funcs._funcs[token] = run
+    return token
+
+
 def heavy_batch(images, masks, seeds, aug: AugmentConfig):
     """:func:`heavy_numpy` as a graph op; static shapes restored afterwards."""
     tf = _tf()
-
-    def run(img, msk, sd):
-        return heavy_numpy(img, msk, sd, aug)
-
-    img, msk = tf.numpy_function(run, [images, masks, seeds], [tf.uint8, tf.uint8],
-                                 stateful=False)
+    img, msk = tf.raw_ops.PyFuncStateless(input=[images, masks, seeds], token=register_heavy(aug),
+                                          Tout=[tf.uint8, tf.uint8])
     img.set_shape(images.shape)
     msk.set_shape(masks.shape)
     return img, msk

@@ -14,6 +14,7 @@ their natural class ratio.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from tfpneumo import TfpneumoError
 from tfpneumo.config import Config
 from tfpneumo.data import records
-from tfpneumo.data.augment import augment_batch, normalize
+from tfpneumo.data.augment import augment_batch_uint8, finish_batch, normalize
 
 __all__ = ["PipelineError", "count_images", "eval_dataset", "normalize", "positive_rate",
            "train_dataset"]
@@ -129,6 +130,17 @@ def _class_stream(files: list[str], size: int, cfg: Config, use_cache: bool,
     return ds.repeat()
 
 
+def _aug_seed(r, images):
+    """``(2,)`` augmentation seed: the stream's random number and a hash of the pixels.
+
+    The pixels' part matters under a tf.data service: every worker runs its own copy of
+    ``Dataset.random``, so the i-th batches of two workers would otherwise get the same draws.
+    """
+    tf = _tf()
+    sample = tf.io.serialize_tensor(images[..., ::16, ::16, :])
+    return tf.stack([r, tf.strings.to_hash_bucket_fast(sample, 2**62)])
+
+
 # ----------------------------------------------------------------------------- training
 
 def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
@@ -152,9 +164,12 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
         service: a tf.data service dispatcher (``"grpc://host:port"``, e.g. from
             :func:`tfpneumo.data.service.start_local_service`): the augmented batches are then
             made by its workers (``distributed_epoch``: each record file goes to one worker)
-            and this process only reads them. None (default): everything runs here. The
-            heavy albumentations path (``tf.numpy_function``) cannot run in a service worker.
-            Consumers of one dispatcher share the job ``tfpneumo-train`` and split its stream.
+            and this process only reads them. None (default): everything runs here. With
+            heavy augmentations the workers must have registered ``cfg.augment``
+            (``start_local_service(augments=...)``, ``tfpneumo data-worker --config``).
+            Consumers of one dispatcher that build the same stream (same cache, fold, config,
+            seed and start epoch; e.g. the workers of a multi-worker run) share one job and
+            split it; any other stream gets a job of its own.
 
     Returns:
         ``(dataset, steps_per_epoch)``; elements ``(images, {"mask": masks, "label": labels})``
@@ -169,10 +184,6 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
         raise PipelineError(f"global_batch_size {batch}: must be >= 1")
     if epochs < 1:
         raise PipelineError(f"epochs {epochs}: must be >= 1")
-    if service and cfg.augment.heavy:  # a worker process has no copy of the Python callable
-        raise PipelineError("augment: elastic/grid/optical distortion and CLAHE run in "
-                            "tf.numpy_function, which a tf.data service worker cannot run; "
-                            "set their _p to 0 or train without service")
     folds = _train_folds(cache)
     if not folds:
         raise PipelineError(f"{cache}: no complete training shards (train-f*-*.tfrecord + .json)")
@@ -194,8 +205,10 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
     size = _cached_size((pos if n_pos else neg)[0])
 
     budget = data.memory_budget_gb * 1e9
-    use_cache = data.cache_in_memory == "always" or (
-        data.cache_in_memory == "auto" and n_images * size * size * 2 < budget)
+    # Not under a tf.data service: its workers each read only the record files handed to them,
+    # and a cached stream there replays (or spins on) a partial set.
+    use_cache = not service and (data.cache_in_memory == "always" or (
+        data.cache_in_memory == "auto" and n_images * size * size * 2 < budget))
 
     base = np.random.SeedSequence([(cfg.seed if seed is None else int(seed)) % 2**63,
                                    max(int(initial_epoch), 0)])
@@ -229,17 +242,16 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
     out_size, crop, aug = data.image_size, data.crop, cfg.augment
     aug_seed = int(s_aug.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
-    def finish(images, masks, labels):
-        return images, {"mask": masks, "label": labels}
-
+    # Workers of a tf.data service send the uint8 resampled batch and its grey-level tables;
+    # the lookup to float32 RGB (12x the bytes) happens on the reading side.
     if vectorize:
         ds = ds.batch(batch, drop_remainder=True)
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=aug_seed))
 
         def aug_batch(elem, r):
             images, masks, labels = elem
-            img, msk = augment_batch(images, masks, tf.stack([r, 0]), aug, out_size, crop)
-            return finish(img, msk, labels)
+            return (*augment_batch_uint8(images, masks, _aug_seed(r, images), aug, out_size,
+                                         crop), labels)
 
         ds = ds.map(aug_batch, num_parallel_calls=npc)
     else:
@@ -247,20 +259,32 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
 
         def aug_one(elem, r):
             image, mask, label = elem
-            img, msk = augment_batch(image[None], mask[None], tf.stack([r, 0]), aug, out_size,
-                                     crop)
-            return img[0], msk[0], label
+            img, msk, lut = augment_batch_uint8(image[None], mask[None], _aug_seed(r, image),
+                                                aug, out_size, crop)
+            return img[0], msk[0], lut[0], label
 
         ds = ds.map(aug_one, num_parallel_calls=npc)
-        ds = ds.batch(batch, drop_remainder=True).map(finish)
+        ds = ds.batch(batch, drop_remainder=True)
 
     options = tf.data.Options()
     options.deterministic = True
+    if service:
+        # Scale by processes: one thread per service worker (their Python transforms share one
+        # GIL per process anyway), so N workers use N cores here or on other machines.
+        options.threading.private_threadpool_size = 1
     ds = ds.with_options(options)
     if service:
+        stream = repr((str(cache.resolve()), fold, cfg.data, cfg.augment, cfg.seed, seed,
+                       initial_epoch, epochs, steps_per_epoch, batch, vectorize))
+        job = "tfpneumo-train-" + hashlib.sha1(stream.encode()).hexdigest()[:16]
         ds = ds.apply(tf.data.experimental.service.distribute(
-            "distributed_epoch", service, job_name="tfpneumo-train"))
-    ds = ds.prefetch(AUTOTUNE)
+            "distributed_epoch", service, job_name=job))
+
+    def finish(images, masks, luts, labels):
+        img, msk = finish_batch(images, masks, luts)
+        return img, {"mask": msk, "label": labels}
+
+    ds = ds.map(finish, num_parallel_calls=npc).prefetch(AUTOTUNE)
     return ds, int(steps_per_epoch)
 
 
