@@ -183,6 +183,23 @@ def predict(
                            thresholds=_thresholds(rule, top, min_area, bottom, label_threshold)))
 
 
+@app.command()
+@one_line_errors
+def bench(
+    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small settings: under 3 minutes on 2 cores.")] = False,
+    siim_mini: Annotated[Path | None, typer.Option(
+        help="Real DICOMs for prepare (default: $TFPNEUMO_SIIM/siim-mini, ../shared/siim/siim-mini).")] = None,
+    section: Annotated[list[str] | None, typer.Option(
+        help="Only this section (repeatable): prepare, pipeline, service, train, inference, threshold.")] = None,
+) -> None:
+    """Measure this machine: prepare, input pipeline, tf.data service, train step, inference,
+    threshold search; one table (stdout) and --out JSON."""
+    from tfpneumo.bench import run_bench
+
+    run_bench(out, quick, siim_mini, section)
+
+
 @app.command("data-service")
 @one_line_errors
 def data_service(

@@ -117,12 +117,25 @@ def _parse_train(size: int):
 
 
 def _class_stream(files: list[str], size: int, cfg: Config, use_cache: bool,
-                  seed: np.random.SeedSequence):
-    """One class (or all shards): shuffled files -> parse -> [cache] -> shuffle -> repeat."""
+                  seed: np.random.SeedSequence, service: bool = False):
+    """One class (or all shards): shuffled files -> parse -> [cache] -> shuffle -> repeat.
+
+    For a tf.data service (``service``) the file names repeat *before* the records are read:
+    the dispatcher then hands out file names without end, one at a time to whichever worker
+    asks. With the repeat after the reader, a worker that got no file in a pass spins until
+    every worker finished it (measured: 1.3x instead of 1.8x from 1 to 2 workers).
+    """
     tf = _tf()
     file_seed, shuffle_seed = (int(s) for s in seed.generate_state(2))
     order = np.random.default_rng(file_seed).permutation(len(files))
-    ds = tf.data.TFRecordDataset([files[i] for i in order], num_parallel_reads=AUTOTUNE)
+    ordered = [files[i] for i in order]
+    if service:
+        names = tf.data.Dataset.from_tensor_slices(ordered).repeat()
+        ds = names.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
+                              num_parallel_calls=AUTOTUNE)
+        ds = ds.map(_parse_train(size), num_parallel_calls=AUTOTUNE)
+        return ds.shuffle(cfg.data.shuffle_buffer, seed=shuffle_seed)
+    ds = tf.data.TFRecordDataset(ordered, num_parallel_reads=AUTOTUNE)
     ds = ds.map(_parse_train(size), num_parallel_calls=AUTOTUNE)
     if use_cache:
         ds = ds.cache()
@@ -216,12 +229,12 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
 
     start, end = data.positive_rate_start, data.positive_rate_end
     if start is None or end is None:
-        ds = _class_stream(pos + neg, size, cfg, use_cache, s_all)
+        ds = _class_stream(pos + neg, size, cfg, use_cache, s_all, bool(service))
     elif n_pos == 0 or n_neg == 0:
         missing = "positive" if n_pos == 0 else "negative"
         warnings.warn(f"{cache}: no {missing} training images in folds {sorted(train_folds)}; "
                       "positive-rate schedule ignored", stacklevel=2)
-        ds = _class_stream(pos + neg, size, cfg, use_cache, s_all)
+        ds = _class_stream(pos + neg, size, cfg, use_cache, s_all, bool(service))
     else:
         rates = tf.constant([positive_rate(e, epochs, start, end) for e in range(epochs)],
                             tf.float32)
@@ -234,8 +247,8 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
 
         weights = tf.data.Dataset.counter(dtype=tf.int64).map(weights_of)
         ds = tf.data.Dataset.sample_from_datasets(
-            [_class_stream(pos, size, cfg, use_cache, s_pos),
-             _class_stream(neg, size, cfg, use_cache, s_neg)],
+            [_class_stream(pos, size, cfg, use_cache, s_pos, bool(service)),
+             _class_stream(neg, size, cfg, use_cache, s_neg, bool(service))],
             weights=weights, seed=int(s_mix.generate_state(1)[0]))
 
     npc = AUTOTUNE if data.num_parallel_calls == -1 else data.num_parallel_calls
@@ -277,8 +290,10 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
         stream = repr((str(cache.resolve()), fold, cfg.data, cfg.augment, cfg.seed, seed,
                        initial_epoch, epochs, steps_per_epoch, batch, vectorize))
         job = "tfpneumo-train-" + hashlib.sha1(stream.encode()).hexdigest()[:16]
+        # Compression (snappy) costs CPU on both ends; worth it over a network, not on this host.
+        local = service.removeprefix("grpc://").rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
         ds = ds.apply(tf.data.experimental.service.distribute(
-            "distributed_epoch", service, job_name=job))
+            "distributed_epoch", service, job_name=job, compression=None if local else "AUTO"))
 
     def finish(images, masks, luts, labels):
         img, msk = finish_batch(images, masks, luts)
