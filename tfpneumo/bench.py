@@ -53,7 +53,7 @@ AUTOTUNE = -1
 PIPELINE_TARGET_PER_CORE = 60.0  # img/s per core at 512 (issue: the pipeline must not starve)
 THRESHOLD_TARGET_S = 5.0  # full rule search, 12,000 images x 1,000 triplets
 PYTORCH_REFERENCE = {"size": 256, "batch": 4, "precision": "float32", "img_per_s": 3.8,
-                     "text": "PyTorch UNet-ResNet34 ~3.8 img/s here (GUIDE.md)"}
+                     "text": "PyTorch UNet-ResNet34 ~3.8 img/s here (GUIDE.md), same layout"}
 TRAIN_FULL_CASES = ((256, 4), (256, 8), (512, 4))
 SECTION_TIMEOUT_S = {True: 900.0, False: 4 * 3600.0}  # per section process, by quick
 
@@ -504,33 +504,42 @@ def resolve_precision(precision: str, gpu: bool) -> str:
     return precision
 
 
+# The PyTorch reference's layout (GUIDE.md): UNet-ResNet34 without attention or skip dropout,
+# BCE on the mask of every image and on the label, AdamW.
+REFERENCE_OVERRIDES = ["model.attention=none", "model.skip_dropout=0", "loss.mask=bce",
+                       "loss.mask_positives_only=false"]
+
+
 def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
-               windows: int = 3, steps: int | None = None, seed: int = 0) -> dict:
+               windows: int = 3, steps: int | None = None, seed: int = 0,
+               layout: str = "base") -> dict:
     """Images/s of ``Trainer.fit`` for one setting (run it in a fresh process).
 
-    The network of the base config (random encoder weights), its loss and optimizer, on an
-    in-memory batch repeated (no input cost). The first ``fit`` call traces and compiles
-    (``compile_s``); a single step warms up and sizes the windows (``steps`` optimizer steps,
-    else as many as take about ``seconds``); then the median, min and max of ``windows``
-    windows and images per process CPU-second. ``{"error": ...}`` when it does not run here.
+    The network of the base config (``layout="base"``, random encoder weights), its loss and
+    optimizer, or the PyTorch reference's layout (``"reference"``), on an in-memory batch
+    repeated (no input cost). The first step traces and compiles (``compile_s``); a second
+    sizes the windows (``steps`` optimizer steps, else as many as take about ``seconds``);
+    then, in one ``fit`` call, a warm step and ``windows`` windows: their median, min and max
+    images/s and images per process CPU-second. ``{"error": ...}`` when it does not run here.
     """
     from tfpneumo.tfimport import quiet_tensorflow
 
     tf = quiet_tensorflow()
     import keras
 
-    from tfpneumo.config import Config
+    from tfpneumo.config import load_config
     from tfpneumo.losses import build_losses
     from tfpneumo.models.unet import build_model, encoder_layers
     from tfpneumo.trainer import Trainer, build_optimizer
 
     precision = resolve_precision(precision, bool(tf.config.list_physical_devices("GPU")))
     row: dict = {"size": size, "batch": batch, "precision": precision, "xla": xla,
-                 "device": device_name()}
+                 "layout": layout, "device": device_name()}
     try:
         keras.utils.set_random_seed(seed)
         keras.mixed_precision.set_global_policy(precision)
-        cfg = Config()  # the base config's network, optimizer and loss
+        # the base config's network, optimizer and loss, or the PyTorch reference's layout
+        cfg = load_config(None, REFERENCE_OVERRIDES if layout == "reference" else [])
         net = build_model(_base_model_config(cfg))
         trainer = Trainer(net, accumulation_steps=1)
         encoder_paths = {v.path for layer in encoder_layers(net) for v in layer.weights}
@@ -539,21 +548,32 @@ def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
         trainer.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights, jit_compile=xla)
         ds = tf.data.Dataset.from_tensors(random_batch(size, batch, seed)).repeat()
 
-        def window(n: int) -> tuple[float, float]:
-            """Wall and process CPU seconds of ``n`` steps."""
-            t0, c0 = time.perf_counter(), time.process_time()
-            history = trainer.fit(ds, epochs=1, steps_per_epoch=n, verbose=0, shuffle=False)
-            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        class Clock(keras.callbacks.Callback):
+            """Wall and process CPU time at the end of every step."""
+
+            def on_train_batch_end(self, batch, logs=None):
+                marks.append((time.perf_counter(), time.process_time()))
+
+        def run(n: int) -> None:
+            history = trainer.fit(ds, epochs=1, steps_per_epoch=n, verbose=0, shuffle=False,
+                                  callbacks=[Clock()])
             loss = history.history["loss"][-1]
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss {loss}")
-            return elapsed, cpu
 
-        row["compile_s"] = window(1)[0]  # traces, optimises (and XLA-compiles) the step
-        n = steps or max(1, round(seconds / window(1)[0]))  # also the warm-up step
-        timed = [window(n) for _ in range(windows)]
-        row.update(img_per_s=spread([n * batch / wall for wall, _ in timed]),
-                   img_per_cpu_s=rate(n * batch, statistics.median(cpu for _, cpu in timed)),
+        marks: list[tuple[float, float]] = []
+        t0 = time.perf_counter()
+        run(2)  # traces and optimises (and XLA-compiles) the step, then one warm step
+        row["compile_s"] = marks[0][0] - t0
+        n = steps or max(1, round(seconds / (marks[1][0] - marks[0][0])))
+        # One fit call for every window: Keras' per-call start-up is not a training cost.
+        marks.clear()
+        run(1 + n * windows)
+        bounds = marks[::n]  # after the warm step, then after each window of n steps
+        walls = [b[0] - a[0] for a, b in zip(bounds, bounds[1:], strict=False)]
+        cpus = [b[1] - a[1] for a, b in zip(bounds, bounds[1:], strict=False)]
+        row.update(img_per_s=spread([n * batch / wall for wall in walls]),
+                   img_per_cpu_s=rate(n * batch, statistics.median(cpus)),
                    steps=n, windows=windows)
     except Exception as e:  # a setting that does not run here is a result, not a crash
         row["error"] = error_line(e)
@@ -570,28 +590,33 @@ def _base_model_config(cfg):
 def bench_train(ctx: Context, *, cases: Sequence[Sequence[int]] | None = None,
                 precisions: Sequence[str] | None = None, xla: Sequence[bool] | None = None,
                 seconds: float | None = None, windows: int | None = None,
-                steps: int | None = None) -> dict:
-    """:func:`train_case` for every (size x batch, precision, XLA) setting, each in its own
-    process. Quick: 256x4, float32 and mixed (bf16 on CPU), XLA off, 3 windows of ~3 s.
+                steps: int | None = None, layouts: Sequence[str] | None = None) -> dict:
+    """:func:`train_case` for every (size x batch, layout, precision, XLA) setting, each in its
+    own process, plus the PyTorch reference's setting (256x4, reference layout, float32).
+    Quick: 256x4 base layout float32 and mixed (bf16 on CPU), XLA off, 3 windows of ~2 s.
     Full: 256x4, 256x8, 512x4 x float32/mixed x XLA off/on, 5 windows of ~10 s."""
     cases = [tuple(c) for c in cases] if cases else ([(256, 4)] if ctx.quick else list(TRAIN_FULL_CASES))
     precisions = list(precisions or ("float32", "mixed"))
     xla = [bool(x) for x in xla] if xla is not None else ([False] if ctx.quick else [False, True])
-    seconds = seconds or (3.0 if ctx.quick else 10.0)
+    seconds = seconds or (2.0 if ctx.quick else 10.0)
     windows = windows or (3 if ctx.quick else 5)
+    settings = [(size, batch, layout, precision, jit) for size, batch in cases
+                for layout in (layouts or ("base",)) for precision in precisions for jit in xla]
+    ref = (PYTORCH_REFERENCE["size"], PYTORCH_REFERENCE["batch"], "reference", "float32", False)
+    if layouts is None and ref not in settings:
+        settings.insert(0, ref)
     rows = []
-    for size, batch in cases:
-        for precision in precisions:
-            for jit in xla:
-                spec = {"size": size, "batch": batch, "precision": precision, "xla": jit,
-                        "seconds": seconds, "windows": windows, "steps": steps}
-                row = run_child(["--case", json.dumps(spec)], SECTION_TIMEOUT_S[ctx.quick])
-                if row.get("status") == "error":  # the process died: no row of its own
-                    row = {**spec, "error": row["error"]}
-                rows.append(row)
-                done = (f"{row['img_per_s']['median']:.2f} img/s" if "error" not in row
-                        else f"failed: {row['error']}")
-                _progress(f"train {size}x{batch} {row['precision']} XLA {'on' if jit else 'off'}: {done}")
+    for size, batch, layout, precision, jit in settings:
+        spec = {"size": size, "batch": batch, "precision": precision, "xla": jit,
+                "seconds": seconds, "windows": windows, "steps": steps, "layout": layout}
+        row = run_child(["--case", json.dumps(spec)], SECTION_TIMEOUT_S[ctx.quick])
+        if row.get("status") == "error":  # the process died: no row of its own
+            row = {**spec, "error": row["error"]}
+        rows.append(row)
+        done = (f"{row['img_per_s']['median']:.2f} img/s" if "error" not in row
+                else f"failed: {row['error']}")
+        _progress(f"train {size}x{batch} {layout} {row['precision']} XLA {'on' if jit else 'off'}: "
+                  f"{done}")
     return {"rows": rows, "reference": PYTORCH_REFERENCE,
             "device": next((r["device"] for r in rows if "device" in r), None)}
 
@@ -600,13 +625,16 @@ def rows_train(result: dict) -> list[Row]:
     ref = result.get("reference", PYTORCH_REFERENCE)
     out = []
     for r in result["rows"]:
-        setting = f"{r['size']} px x{r['batch']}, {r['precision']}, XLA {'on' if r['xla'] else 'off'}"
+        layout = r.get("layout", "base")
+        setting = (f"{r['size']} px x{r['batch']}, {layout} layout, {r['precision']}, "
+                   f"XLA {'on' if r['xla'] else 'off'}")
         if "error" in r:
             out.append(Row(setting, "failed", r["error"], r.get("peak_rss_mb")))
             continue
         s, per_cpu = r["img_per_s"], r["img_per_cpu_s"]
         note = (f"{per_cpu:.2f} img/CPU-s; " if per_cpu else "") + f"compile {r['compile_s']:.0f} s"
-        if (r["size"], r["batch"], r["precision"]) == (ref["size"], ref["batch"], ref["precision"]):
+        if (r["size"], r["batch"], layout, r["precision"]) == (ref["size"], ref["batch"], "reference",
+                                                                ref["precision"]):
             note += f"; {s['median'] / ref['img_per_s']:.2f}x the ref: {ref['text']}"
         out.append(Row(setting, f"{s['median']:.2f} img/s{_range(s, '.2f')}", note,
                        r.get("peak_rss_mb")))
