@@ -101,6 +101,35 @@ def test_pipeline_section_tiny(tf):
     assert len(rows) == 2 and rows[0].figure.endswith(f"img/s [{first['min']:.0f}-{first['max']:.0f}]")
 
 
+def test_service_section_tiny(tf):
+    """In-process and 1 service worker at 64 px; the scaling needs both 1 and 2 workers."""
+    result = bench.bench_service(bench.Context(quick=True), size=64, workers=(0, 1), images=32,
+                                 batch=4, warmup=2, batches=2, repeats=2)
+    by_n = {r["workers"]: r for r in result["rows"]}
+    assert set(by_n) == {0, 1} and not any("error" in r for r in result["rows"])
+    for r in result["rows"]:
+        check_spread(r["img_per_s"])
+        assert positive_finite(r["reader_cpu_ms_per_img"])
+    assert by_n[0]["worker_cpu_ms_per_img"] is None
+    assert positive_finite(by_n[1]["worker_cpu_ms_per_img"])  # read from /proc of the worker
+    assert result["scaling_1_to_2"] is None
+    rows = bench.rows_service(result)
+    assert "in this process" in rows[0].setting and "1 worker" in rows[1].setting
+
+
+def test_service_rows_scaling_from_medians():
+    def row(n, median):
+        return {"workers": n, "img_per_s": {"median": median, "min": median, "max": median, "n": 1},
+                "reader_cpu_ms_per_img": 2.0, "worker_cpu_ms_per_img": 15.0 if n else None}
+
+    result = {"size": 512, "rows": [row(0, 40.0), row(1, 60.0), row(2, 105.0)],
+              "scaling_1_to_2": 105.0 / 60.0, "target_scaling": bench.SERVICE_TARGET_SCALING}
+    rows = bench.rows_service(result)
+    assert "1.75x from 1 to 2 workers" in rows[2].note and "NOT met" in rows[2].note
+    result["scaling_1_to_2"] = 1.9
+    assert "(target 1.8x: met)" in bench.rows_service(result)[2].note
+
+
 def test_pipeline_rates_are_images_over_measured_seconds(tf, monkeypatch, tmp_path):
     bench.build_synthetic_cache(tmp_path / "c", 64, 8)
     # each timed run: perf_counter at start and end, 0.5 s apart; CPU 2 s per run
@@ -138,6 +167,7 @@ def fake_report() -> dict:
     """A hand-made report: pipeline 100 img/s (50 img/CPU-s) at 256, train 4 and 2 img/s."""
     train_rows = [
         {"size": 256, "batch": 4, "precision": "float32", "xla": False, "compile_s": 20.0,
+         "layout": "reference",
          "img_per_s": {"median": 2.0, "min": 1.9, "max": 2.1, "n": 3}, "img_per_cpu_s": 1.5,
          "peak_rss_mb": 1500.0},
         {"size": 256, "batch": 4, "precision": "mixed_bfloat16", "xla": False, "compile_s": 21.0,

@@ -834,13 +834,14 @@ def _process_cpu_s(pid: int) -> float:
 
 def bench_service(ctx: Context, *, size: int = 512, workers: Sequence[int] = (0, 1, 2),
                   images: int | None = None, batch: int = 8, warmup: int | None = None,
-                  batches: int | None = None) -> dict:
+                  batches: int | None = None, repeats: int = 3) -> dict:
     """The training pipeline with the heavy (albumentations) transforms on, in this process
     (0) and through a local tf.data service of 1 and 2 worker processes (one core each).
 
-    images/s read by this process after ``warmup`` batches (the workers' buffers fill), and
-    the workers' CPU seconds per image. A cache of small shards: the service hands out record
-    files, so each worker needs several.
+    images/s read by this process after ``warmup`` batches (the workers' buffers fill): the
+    median of ``repeats`` windows of ``batches`` batches; the CPU milliseconds per image of the
+    workers and of this (reading) process, which shares the cores with them here. A cache of
+    small shards: the service hands out record files, so each worker needs several.
     """
     from tfpneumo.config import load_config, replace
     from tfpneumo.data import pipeline
@@ -850,7 +851,7 @@ def bench_service(ctx: Context, *, size: int = 512, workers: Sequence[int] = (0,
     quiet_tensorflow()
     images = images or (96 if ctx.quick else 256)
     warmup = warmup or (8 if ctx.quick else 20)
-    batches = batches or (30 if ctx.quick else 100)
+    batches = batches or (12 if ctx.quick else 40)
     cfg = replace(load_config(None), data={"image_size": size, "batch_size": batch,
                                            "shuffle_buffer": 64}, augment=HEAVY_AUGMENT)
     rows = []
@@ -868,26 +869,30 @@ def bench_service(ctx: Context, *, size: int = 512, workers: Sequence[int] = (0,
                     next(it)
                 pids = [w.pid for w in handles.workers] if handles else []
                 w0 = sum(_process_cpu_s(pid) for pid in pids)
-                t0, c0 = time.perf_counter(), time.process_time()
-                for _ in range(batches):
-                    next(it)
-                wall = time.perf_counter() - t0
-                n_img = batches * batch
+                c0 = time.process_time()
+                walls = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for _ in range(batches):
+                        next(it)
+                    walls.append(time.perf_counter() - t0)
                 del it, ds
-                row = {"workers": n, "img_per_s": n_img / wall,
+                n_img = batches * batch * repeats
+                row = {"workers": n, "img_per_s": spread([batches * batch / w for w in walls]),
                        "reader_cpu_ms_per_img": 1e3 * (time.process_time() - c0) / n_img,
                        "worker_cpu_ms_per_img": (1e3 * (sum(_process_cpu_s(p) for p in pids) - w0)
                                                  / n_img if pids else None)}
-                _progress(f"service, {n} worker(s): {row['img_per_s']:.1f} img/s")
+                _progress(f"service, {n} worker(s): {row['img_per_s']['median']:.1f} img/s")
             except Exception as e:  # one setting failing is a result, not a crash
                 row = {"workers": n, "error": error_line(e)}
             finally:
                 if handles:
                     stop_local_service(handles)
             rows.append(row)
-    by_n = {r["workers"]: r["img_per_s"] for r in rows if "error" not in r}
+    by_n = {r["workers"]: r["img_per_s"]["median"] for r in rows if "error" not in r}
     scaling = by_n[2] / by_n[1] if 1 in by_n and 2 in by_n else None
-    return {"size": size, "batch": batch, "augment": HEAVY_AUGMENT, "images_timed": batches * batch,
+    return {"size": size, "batch": batch, "augment": HEAVY_AUGMENT,
+            "images_timed": batches * batch * repeats,
             "rows": rows, "scaling_1_to_2": scaling, "target_scaling": SERVICE_TARGET_SCALING}
 
 
@@ -906,7 +911,8 @@ def rows_service(result: dict) -> list[Row]:
             met = "met" if result["scaling_1_to_2"] >= result["target_scaling"] else "NOT met"
             note += (f"; {result['scaling_1_to_2']:.2f}x from 1 to 2 workers "
                      f"(target {result['target_scaling']}x: {met})")
-        out.append(Row(setting, f"{r['img_per_s']:.1f} img/s", note))
+        out.append(Row(setting, f"{r['img_per_s']['median']:.1f} img/s{_range(r['img_per_s'], '.0f')}",
+                       note))
     return out
 
 

@@ -154,6 +154,25 @@ def _aug_seed(r, images):
     return tf.stack([r, tf.strings.to_hash_bucket_fast(sample, 2**62)])
 
 
+def _read_from_service(ds, service: str, stream: str):
+    """``ds`` registered with the dispatcher ``service`` and read back from its workers.
+
+    Registered, then read by id (not ``distribute``): the reading pipeline is a new one, so
+    the workers' one-thread option does not carry over to it. ``stream`` names the job:
+    readers of the same stream (e.g. the processes of a multi-worker run) share one job and
+    split it; any other stream gets its own.
+    """
+    tf = _tf()
+    service_api = tf.data.experimental.service
+    # Compression (snappy) costs CPU on both ends; worth it over a network, not on this host.
+    local = service.removeprefix("grpc://").rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
+    dataset_id = service_api.register_dataset(service, ds,
+                                              compression=None if local else "AUTO")
+    job = "tfpneumo-train-" + hashlib.sha1(stream.encode()).hexdigest()[:16]
+    return service_api.from_dataset_id("distributed_epoch", service, dataset_id,
+                                       element_spec=ds.element_spec, job_name=job)
+
+
 # ----------------------------------------------------------------------------- training
 
 def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
@@ -282,18 +301,14 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
     options = tf.data.Options()
     options.deterministic = True
     if service:
-        # Scale by processes: one thread per service worker (their Python transforms share one
-        # GIL per process anyway), so N workers use N cores here or on other machines.
+        # One thread per service worker: its Python transforms hold one GIL anyway, and N
+        # workers then use N cores, here or on other machines.
         options.threading.private_threadpool_size = 1
     ds = ds.with_options(options)
     if service:
-        stream = repr((str(cache.resolve()), fold, cfg.data, cfg.augment, cfg.seed, seed,
-                       initial_epoch, epochs, steps_per_epoch, batch, vectorize))
-        job = "tfpneumo-train-" + hashlib.sha1(stream.encode()).hexdigest()[:16]
-        # Compression (snappy) costs CPU on both ends; worth it over a network, not on this host.
-        local = service.removeprefix("grpc://").rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
-        ds = ds.apply(tf.data.experimental.service.distribute(
-            "distributed_epoch", service, job_name=job, compression=None if local else "AUTO"))
+        ds = _read_from_service(ds, service, repr((
+            str(cache.resolve()), fold, cfg.data, cfg.augment, cfg.seed, seed, initial_epoch,
+            epochs, steps_per_epoch, batch, vectorize)))
 
     def finish(images, masks, luts, labels):
         img, msk = finish_batch(images, masks, luts)

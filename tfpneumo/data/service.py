@@ -61,10 +61,6 @@ def _start_worker(dispatcher_address: str, augments, host: str, port: int):
     from tfpneumo.tfimport import quiet_tensorflow
 
     tf = quiet_tensorflow()
-    # One core per worker process: scale by adding processes (here or on other machines); a
-    # worker's Python transforms hold one GIL anyway, and nested pools oversubscribe cores.
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     for aug in augments:
         if aug.heavy:
             register_heavy(aug)
@@ -148,8 +144,8 @@ def start_local_service(n_workers: int, augments=(), timeout: float = 60.0
     ctx = mp.get_context("spawn")
     try:
         for _ in range(n_workers):
-            proc = ctx.Process(target=_worker_main, args=(f"{HOST}:{port}", os.getpid(), tuple(augments)),
-                               daemon=True)
+            proc = ctx.Process(target=_worker_main,
+                               args=(f"{HOST}:{port}", os.getpid(), tuple(augments)), daemon=True)
             proc.start()
             handles.workers.append(proc)
         deadline = time.monotonic() + timeout
