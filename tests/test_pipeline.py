@@ -229,6 +229,22 @@ def test_same_seed_same_first_batch(P, cache):
     assert not np.array_equal(first[0][0], first[2][0])
 
 
+def test_device_finish_is_the_same_batch_before_its_last_step(P, cache, tf):
+    from tfpneumo.trainer import finish_on_device
+
+    folder, _ = cache
+    cfg = cfg_with()
+    ds_float, _ = P.train_dataset(folder, 0, cfg, epochs=3, seed=7)
+    ds_u8, _ = P.train_dataset(folder, 0, cfg, epochs=3, seed=7, device_finish=True)
+    (x, y), (xu, yu) = next(iter(ds_float)), next(iter(ds_u8))
+    assert xu["image"].dtype == tf.uint8 and xu["lut"].shape[1:] == (256, 3)
+    assert yu["mask"].dtype == tf.uint8
+    xf, yf = finish_on_device(xu, yu)
+    np.testing.assert_array_equal(xf.numpy(), x.numpy())
+    np.testing.assert_array_equal(yf["mask"].numpy(), y["mask"].numpy())
+    np.testing.assert_array_equal(yf["label"].numpy(), y["label"].numpy())
+
+
 def test_in_memory_cache_does_not_change_the_stream(P, cache):
     folder, _ = cache
     batches = []

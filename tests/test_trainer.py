@@ -139,6 +139,28 @@ def test_train_step_equals_sgd_oracle(loss_cfg, accumulation_steps):
     assert_weights_close(net.get_weights(), sgd_oracle(w0, x, y, loss_cfg, 0.5), w0)
 
 
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_device_finished_batches_equal_float_batches(accumulation_steps):
+    """uint8 crops + grey-level tables (train_dataset(device_finish=True)) finished inside the
+    train step: the step equals the SGD oracle on the float32 batch made here with numpy."""
+    from tfpneumo.config import AugmentConfig
+    from tfpneumo.data.augment import color_lut, sample_params
+
+    keras.utils.set_random_seed(0)
+    net = tiny_net()
+    w0 = net.get_weights()
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (4, SIZE, SIZE, 1), dtype=np.uint8)
+    _, y = make_batch(4, positives=range(4))
+    luts = color_lut(sample_params(tf.constant([3, 4], tf.int64), 4, AugmentConfig(color_p=1.0))).numpy()
+    x_float = luts[np.arange(4)[:, None, None], images[..., 0]]  # (4, S, S, 3): lut[b, v]
+    trainer = compiled(net, keras.optimizers.SGD(0.5), PLAIN_BCE, accumulation_steps)
+    x_u8 = {"image": images, "lut": luts}
+    y_u8 = {"mask": y["mask"].astype(np.uint8), "label": y["label"]}
+    trainer.fit(tf.data.Dataset.from_tensors((x_u8, y_u8)), epochs=1, verbose=0, shuffle=False)
+    assert_weights_close(net.get_weights(), sgd_oracle(w0, x_float, y, PLAIN_BCE, 0.5), w0)
+
+
 def test_accumulation_with_layerwise_adamw_and_clipping():
     keras.utils.set_random_seed(1)
     w0 = tiny_net().get_weights()

@@ -863,7 +863,9 @@ def bench_service(ctx: Context, *, size: int = 512, workers: Sequence[int] = (0,
             try:
                 if n:
                     address, handles = start_local_service(n, augments=[cfg.augment])
-                ds, _ = pipeline.train_dataset(cache, -1, cfg, epochs=10, seed=0, service=address)
+                # as train reads it: uint8 crops, the float32 lookup happens in the train step
+                ds, _ = pipeline.train_dataset(cache, -1, cfg, epochs=10, seed=0, service=address,
+                                               device_finish=True)
                 it = iter(ds)
                 for _ in range(warmup):
                     next(it)

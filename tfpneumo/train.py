@@ -227,7 +227,8 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
             compile_trainer()
         train_ds, _ = train_dataset(cache, fold, cfg, epochs=epochs,
                                     steps_per_epoch=tcfg.steps_per_epoch or None,
-                                    seed=cfg.seed + fold, initial_epoch=phase_start, service=service)
+                                    seed=cfg.seed + fold, initial_epoch=phase_start, service=service,
+                                    device_finish=True)
         try:
             trainer.fit(train_ds, epochs=phase_end, initial_epoch=phase_start, steps_per_epoch=steps,
                         validation_data=val_xy, callbacks=callbacks, verbose=verbose)

@@ -189,6 +189,21 @@ def learning_rate(optimizer) -> float:
 # ----------------------------------------------------------------------------- train step
 
 
+def finish_on_device(x, y):
+    """Training batches from ``train_dataset(device_finish=True)`` -> model input and targets.
+
+    Those batches carry uint8 crops and per-image grey-level tables (1/12 of the bytes of the
+    float32 RGB batch through tf.data service, host memory and the PCIe bus); the float32
+    batch is made here, inside the train step, on the training device. Other batches pass.
+    """
+    if not isinstance(x, dict):
+        return x, y
+    from tfpneumo.data.augment import finish_batch
+
+    images, masks = finish_batch(x["image"], y["mask"], x["lut"])
+    return images, {**y, "mask": masks}
+
+
 class Trainer(keras.Model):
     """Trains ``net`` (a functional model with outputs ``mask`` and ``label``).
 
@@ -229,7 +244,7 @@ class Trainer(keras.Model):
         return loss, y_pred, tape.gradient(scaled, variables)
 
     def train_step(self, data):
-        x, y = data[0], data[1]
+        x, y = finish_on_device(data[0], data[1])
         variables = self.trainable_weights
         n = self.accumulation_steps
         if n == 1:

@@ -179,7 +179,7 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
                   global_batch_size: int | None = None, epochs: int,
                   steps_per_epoch: int | None = None, seed: int | None = None,
                   initial_epoch: int = 0, vectorize: bool = True,
-                  service: str | None = None):
+                  service: str | None = None, device_finish: bool = False):
     """Infinite augmented training batches and the number of steps per epoch.
 
     Args:
@@ -202,6 +202,11 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
             Consumers of one dispatcher that build the same stream (same cache, fold, config,
             seed and start epoch; e.g. the workers of a multi-worker run) share one job and
             split it; any other stream gets a job of its own.
+
+        device_finish: leave the last step (uint8 -> float32 RGB through the per-image grey-level
+            table) to the train step (:func:`tfpneumo.trainer.finish_on_device`), on the
+            training device: elements are then ``({"image": (B, S, S, 1) uint8, "lut":
+            (B, 256, 3) float32}, {"mask": (B, S, S, 1) uint8, "label": (B, 1) float32})``.
 
     Returns:
         ``(dataset, steps_per_epoch)``; elements ``(images, {"mask": masks, "label": labels})``
@@ -311,6 +316,8 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
             epochs, steps_per_epoch, batch, vectorize)))
 
     def finish(images, masks, luts, labels):
+        if device_finish:
+            return {"image": images, "lut": luts}, {"mask": masks, "label": labels}
         img, msk = finish_batch(images, masks, luts)
         return img, {"mask": msk, "label": labels}
 
