@@ -193,8 +193,7 @@ def bench(
     section: Annotated[list[str] | None, typer.Option(
         help="Only this section (repeatable): prepare, pipeline, service, train, inference, threshold.")] = None,
 ) -> None:
-    """Measure this machine: prepare, input pipeline, tf.data service, train step, inference,
-    threshold search; one table (stdout) and --out JSON."""
+    """Measure this machine (prepare, input, tf.data service, train step, inference, thresholds)."""
     from tfpneumo.bench import run_bench
 
     run_bench(out, quick, siim_mini, section)
