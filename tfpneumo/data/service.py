@@ -64,16 +64,9 @@ def _start_worker(dispatcher_address: str, augments, host: str, port: int):
     for aug in augments:
         if aug.heavy:
             register_heavy(aug)
-    _limit_cv2_threads()
     config = tf.data.experimental.service.WorkerConfig(
         dispatcher_address=dispatcher_address, worker_address=f"{host}:%port%", port=port)
     return tf.data.experimental.service.WorkerServer(config)
-
-
-def _limit_cv2_threads() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
 
 
 def _worker_main(dispatcher_address: str, parent_pid: int, augments) -> None:
@@ -191,7 +184,8 @@ def input_service(spec: str | None, augments=()) -> Iterator[str | None]:
     if spec is None:
         yield None
     elif spec == "local" or spec.startswith("local:"):
-        n = int(spec.split(":")[1]) if ":" in spec else len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = int(spec.split(":")[1]) if ":" in spec else cores or 1
         address, handles = start_local_service(n, augments=augments)
         try:
             yield address
