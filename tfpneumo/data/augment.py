@@ -250,8 +250,8 @@ def albumentations_transform(aug: AugmentConfig):
         import albumentations as A
         import cv2
 
-        # tf.data already runs several of these calls at once; OpenCV's own thread pool on top
-        # of that oversubscribes the cores (measured: ~3x the CPU per image).
+        # One core per call: tf.data runs several calls at once, and a tf.data service
+        # worker is meant to use one core (made no measurable difference in-process here).
         cv2.setNumThreads(1)
         cache[aug] = A.Compose([
             # alpha/sigma from the classic Simard setting used by the 1st-place recipe.
@@ -297,7 +297,8 @@ def register_heavy(aug: AugmentConfig) -> str:
 
     ``tf.numpy_function`` would register it as ``pyfunc_<n>`` with a per-process counter, which
     another process (a tf.data service worker) cannot resolve. There is no public way to choose
-    the key, so this writes into ``script_ops._py_funcs`` (checked by tests/test_augment.py).
+    the key, so this writes into ``script_ops._py_funcs`` (tests/test_augment.py and
+    tests/test_scaleout.py run through it).
     """
     token = heavy_token(aug)
     if token not in _HEAVY_CALLABLES:
