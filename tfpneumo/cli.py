@@ -95,7 +95,7 @@ def train(
     """Train a fold (resumable) into runs/<experiment>/fold_<k>/."""
     cfg = load_config(config, set_ or [])
     quiet_tensorflow()
-    from tfpneumo.train import train as train_folds
+    from tfpneumo.training.run import train as train_folds
 
     typer.echo(train_folds(cfg, fold))
 
@@ -113,7 +113,7 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Search thresholds on the out-of-fold predictions (triplet and classifier rules)."""
-    from tfpneumo.evaluate import evaluate as run_evaluate
+    from tfpneumo.evaluation.search import evaluate as run_evaluate
 
     cfg = load_config(config, set_ or [])
     typer.echo(run_evaluate(cfg, folds=folds, thresholds=thresholds, min_areas=min_areas,
@@ -154,7 +154,7 @@ def submit(
 ) -> None:
     """Predict the test DICOMs with the fold ensemble and write a competition submission."""
     quiet_tensorflow()
-    from tfpneumo.submit import submit as run_submit
+    from tfpneumo.inference.submission import submit as run_submit
 
     cfg = load_config(config, set_ or [])
     typer.echo(run_submit(cfg, out=out, rle=rle, sample_submission=sample_submission, data=data,
@@ -175,7 +175,7 @@ def predict(
 ) -> None:
     """Probability, mask and overlay PNGs for each DICOM."""
     quiet_tensorflow()
-    from tfpneumo.predict import predict as run_predict
+    from tfpneumo.inference.pictures import predict as run_predict
 
     cfg = load_config(config, set_ or [])
     typer.echo(run_predict(cfg, files, out=out, folds=folds, weights=weights, size=size,

@@ -1,13 +1,15 @@
 """Typed, frozen configuration: dataclass defaults, YAML overrides, ``--set`` overrides.
 
 Every default lives in the dataclasses below and is documented, one line each, in
-``configs/base.yaml`` (a test keeps the two equal). Experiment files hold overrides
+``tfpneumo/configs/base.yaml`` (a test keeps the two equal). The shipped configs are package
+data (:func:`shipped_configs`), so a non-editable install finds them by name (``demo``). Experiment files hold overrides
 only. Unknown keys and invalid values raise :class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import re
 import types
 import typing
@@ -19,7 +21,6 @@ import yaml
 
 from tfpneumo import TfpneumoError
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # data.service: local worker processes (local or local:N) or a dispatcher's address.
 SERVICE_RE = r"local(:[1-9][0-9]*)?|(grpc://)?(?!local:)[A-Za-z0-9.\-\[\]:]+:[0-9]+"
 
@@ -382,15 +383,22 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship inside the package, by name: ``{"demo": .../demo.yaml, ...}``."""
+    folder = importlib.resources.files("tfpneumo") / "configs"
+    return {Path(f.name).stem: Path(str(f)) for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
 def find_config(name: str | Path) -> Path:
-    """A path as given, or a name like ``demo`` looked up in the repository's configs/."""
+    """A path as given, or the name of a shipped config (``demo`` or ``demo.yaml``)."""
     path = Path(name)
     if path.exists():
         return path
-    for candidate in (REPO_CONFIGS / name, REPO_CONFIGS / f"{name}.yaml"):
-        if candidate.exists():
-            return candidate
-    raise ConfigError(f"{name}: config file not found")
+    shipped = shipped_configs()
+    stem = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and stem in shipped:
+        return shipped[stem]
+    raise ConfigError(f"{name}: config file not found (shipped configs: {', '.join(sorted(shipped))})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -43,10 +43,10 @@ def run_demo(workdir: Path) -> dict:
     print(prepare_cache(data, cache, replace(cfg, prepare={"size": CACHE_SIZE})))
     print(f"   {time.time() - t:.0f} s")
 
-    from tfpneumo.evaluate import evaluate
-    from tfpneumo.predict import predict
-    from tfpneumo.submit import submit
-    from tfpneumo.train import train
+    from tfpneumo.evaluation.search import evaluate
+    from tfpneumo.inference.pictures import predict
+    from tfpneumo.inference.submission import submit
+    from tfpneumo.training.run import train
 
     t = _step("train: configs/demo.yaml, fold 0")
     print(train(cfg, "0", workdir))

@@ -204,7 +204,7 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
             split it; any other stream gets a job of its own.
 
         device_finish: leave the last step (uint8 -> float32 RGB through the per-image grey-level
-            table) to the train step (:func:`tfpneumo.trainer.finish_on_device`), on the
+            table) to the train step (:func:`tfpneumo.training.trainer.finish_on_device`), on the
             training device: elements are then ``({"image": (B, S, S, 1) uint8, "lut":
             (B, 256, 3) float32}, {"mask": (B, S, S, 1) uint8, "label": (B, 1) float32})``.
 

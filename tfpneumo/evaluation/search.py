@@ -3,7 +3,7 @@
 The competition score is the mean over images of Dice, with Dice = 1 when prediction and
 truth are both empty, so a false positive on an empty image costs a whole point. Three
 rules are scored on the out-of-fold statistics of ``tfpneumo train``
-(``runs/<experiment>/fold_<k>/oof.npz``, see :mod:`tfpneumo.inference`):
+(``runs/<experiment>/fold_<k>/oof.npz``, see :mod:`tfpneumo.inference.ensemble`):
 
 triplet (1st place)
     the image is positive if ``count(prob >= top) >= min_area``; its mask is

@@ -8,69 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import COUNTS, N_TEST, OFF, SIZE, cfg_with, decode_index, make_image, write_shards  # noqa: F401
 
-from tfpneumo.config import Config, replace
 from tfpneumo.data import records
-
-SIZE = 64
-# (fold, positive) -> number of images; shard_size 10 gives several shards per group.
-COUNTS = {(0, True): 16, (0, False): 24, (1, True): 12, (1, False): 28}
-N_TEST = 6
-OFF = {"hflip": 0.0, "color_p": 0.0, "affine_p": 0.0}
-
-
-def make_image(index: int, fold: int, positive: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Background 60; row 0 holds the index (base 256) at cols 0-1; pixel (63, 0) = 100 + fold;
-    pixel (63, 63) = 128 in every image; positives get a 240 rectangle = the mask."""
-    image = np.full((SIZE, SIZE), 60, np.uint8)
-    image[0, 0], image[0, 1] = index // 256, index % 256
-    image[SIZE - 1, 0] = 100 + fold
-    image[SIZE - 1, SIZE - 1] = 128
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    if positive:
-        y, x = 8 + index % 20, 6 + (3 * index) % 20
-        image[y:y + 20, x:x + 16] = 240
-        mask[y:y + 20, x:x + 16] = 1
-    return image, mask
-
-
-def write_shards(cache: Path, groups: dict[tuple[int, bool], int], shard_size: int = 10,
-                 n_test: int = 0) -> dict[str, tuple[int, bool]]:
-    """Writes train (and test) shards with sidecars; returns id -> (fold, positive)."""
-    import tensorflow as tf
-
-    cache.mkdir(parents=True, exist_ok=True)
-    index, truth = 0, {}
-
-    def flush(path: Path, examples: list[tuple[str, bytes]]) -> None:
-        with tf.io.TFRecordWriter(str(path)) as writer:
-            for _, ex in examples:
-                writer.write(ex)
-        records.sidecar_path(path).write_text(
-            json.dumps({"ids": [i for i, _ in examples], "skipped": []}))
-
-    for (fold, positive), n in sorted(groups.items()):
-        examples = []
-        for _ in range(n):
-            image, mask = make_image(index, fold, positive)
-            image_id = f"id{index:04d}"
-            examples.append((image_id, records.serialize_example(
-                image_id, image, mask, int(positive), fold, int(positive))))
-            truth[image_id] = (fold, positive)
-            index += 1
-        for k in range(0, n, shard_size):
-            flush(cache / records.train_shard_name(fold, positive, k // shard_size),
-                  examples[k:k + shard_size])
-    if n_test:
-        examples = []
-        for _ in range(n_test):
-            image, _ = make_image(index, -1, False)
-            image_id = f"id{index:04d}"
-            examples.append((image_id, records.serialize_example(image_id, image, None, -1, -1,
-                                                                 0)))
-            index += 1
-        flush(cache / records.test_shard_name(0), examples)
-    return truth
 
 
 @pytest.fixture(scope="module")
@@ -87,18 +27,6 @@ def P(tf):
     from tfpneumo.data import pipeline
 
     return pipeline
-
-
-def cfg_with(**data) -> Config:
-    augment = data.pop("augment", {})
-    base = {"image_size": SIZE, "batch_size": 8, "shuffle_buffer": 32}
-    return replace(Config(), data={**base, **data}, augment=augment)
-
-
-def decode_index(images: np.ndarray) -> np.ndarray:
-    """Index written in row 0 of each un-augmented normalised image."""
-    grey = np.rint((images[:, 0, :2, 0] * 0.229 + 0.485) * 255.0).astype(int)
-    return grey[:, 0] * 256 + grey[:, 1]
 
 
 def take(ds, n: int) -> list[tuple]:
@@ -230,7 +158,7 @@ def test_same_seed_same_first_batch(P, cache):
 
 
 def test_device_finish_is_the_same_batch_before_its_last_step(P, cache, tf):
-    from tfpneumo.trainer import finish_on_device
+    from tfpneumo.training.trainer import finish_on_device
 
     folder, _ = cache
     cfg = cfg_with()

@@ -7,7 +7,7 @@ For each file ``<id>.dcm`` three PNGs at the DICOM's own size go into ``out``:
 ``<id>_overlay.png``  the radiograph in grey, the mask tinted red (semi-transparent) with a
                       2-px outline, and "pneumothorax p=0.87" (the label probability)
 
-Models, TTA and thresholds are those of :mod:`tfpneumo.submit`.
+Models, TTA and thresholds are those of :mod:`tfpneumo.inference.submission`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from tfpneumo.config import Config
 from tfpneumo.data.dicom import read_header
 from tfpneumo.data.labels import check_id
-from tfpneumo.submit import (
+from tfpneumo.inference.submission import (
     SubmitError,
     cache_clahe,
     check_inference_options,
@@ -117,7 +117,7 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: Any = "all"
     ``out`` (created) and returns a summary: one line per image (label probability, mask
     area) and a last line with the models and thresholds.
 
-    Options as in :func:`tfpneumo.submit.submit`. A file that is not a readable DICOM raises
+    Options as in :func:`tfpneumo.inference.submission.submit`. A file that is not a readable DICOM raises
     :class:`tfpneumo.data.dicom.DicomError` naming it.
     """
     start = time.perf_counter()
@@ -130,7 +130,7 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: Any = "all"
     nets = [load_model_file(p) for p in model_files]
 
     from tfpneumo.data.pipeline import normalize
-    from tfpneumo.inference import ensemble_predictor
+    from tfpneumo.inference.ensemble import ensemble_predictor
 
     predictor = ensemble_predictor(nets, hflip=hflip, scales=scales)
     out = Path(out)

@@ -59,7 +59,7 @@ def test_helpers():
 
 def test_resolve_siim_mini(monkeypatch, tmp_path):
     monkeypatch.delenv("TFPNEUMO_SIIM", raising=False)
-    beside = Path(bench.__file__).resolve().parents[2] / "shared" / "siim" / "siim-mini"
+    beside = Path(bench.__file__).resolve().parents[3] / "shared" / "siim" / "siim-mini"
     expected = beside if beside.is_dir() else Path("../shared/siim/siim-mini")
     assert bench.resolve_siim_mini(None) == expected
     monkeypatch.setenv("TFPNEUMO_SIIM", str(tmp_path))

@@ -201,7 +201,7 @@ def test_submit_refuses_path_like_sample_ids(siim_mini, tmp_path, image_id):
     """submit builds no path from sample ids (DICOMs are found by walking the folder), and a
     path-like id stops it with a one-line error naming the row before anything is loaded or
     written."""
-    from tfpneumo.submit import SubmitError, submit
+    from tfpneumo.inference.submission import SubmitError, submit
 
     sample = tmp_path / "sample.csv"
     ids = [r[0] for r in csv.reader(open(siim_mini / "sample_submission.csv",
@@ -224,7 +224,7 @@ def test_keras_file_with_lambda_is_refused(tmp_path, tf):
     payload is live, unsafe loading (keras, not the project) does run it."""
     import keras
 
-    from tfpneumo.submit import SubmitError, load_ensemble
+    from tfpneumo.inference.submission import SubmitError, load_ensemble
 
     marker = tmp_path / "pwned"
     # The payload's path is a constant of the lambda's own code, so it survives marshalling.

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 THIS = Path(__file__).resolve()
-TESTS_DIR = THIS.parent
+TESTS_DIR = THIS.parents[1]  # tests/: factories.py
 N_IDS = 60  # elements of the finite service dataset
 TIMEOUT = 150  # seconds for one child process (they normally take 10-25 s)
 
@@ -83,7 +83,7 @@ def run_children(commands: list[list[str]], envs: list[dict[str, str]]) -> list[
 
 def _child_service(out: Path, cache: Path) -> None:
     """Two worker processes; a finite dataset in distributed_epoch mode, then train_dataset."""
-    from test_pipeline import COUNTS, OFF, cfg_with, decode_index, write_shards
+    from factories import COUNTS, OFF, cfg_with, decode_index, write_shards
 
     from tfpneumo.data.pipeline import train_dataset
     from tfpneumo.data.service import start_local_service, stop_local_service
@@ -143,7 +143,7 @@ def test_start_local_service_rejects_no_workers():
 def _child_heavy_service(out: Path, cache: Path) -> None:
     """albumentations inside 2 service workers: exact per element against heavy_numpy run
     here, then the training stream with elastic on."""
-    from test_pipeline import COUNTS, OFF, cfg_with, write_shards
+    from factories import COUNTS, OFF, cfg_with, write_shards
 
     from tfpneumo.config import AugmentConfig
     from tfpneumo.data.augment import heavy_batch, heavy_numpy
@@ -253,8 +253,8 @@ def _child_multi_worker(out: Path, index: int) -> None:
     import keras
 
     from tfpneumo.config import Config, LossConfig
-    from tfpneumo.losses import build_losses
-    from tfpneumo.trainer import Trainer, build_optimizer
+    from tfpneumo.training.losses import build_losses
+    from tfpneumo.training.trainer import Trainer, build_optimizer
 
     # Built directly: resolve_runtime lists logical devices first, which initialises the eager
     # context, and MultiWorkerMirroredStrategy then fails ("Collective ops must be configured

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_submit import make_run, tiny_model_file
+from factories import make_run, tiny_model_file
 
 import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
 from tfpneumo.data.dicom import DicomError, read_dicom
-from tfpneumo.inference import ensemble_predictor, predict_tta, scaled_size
-from tfpneumo.predict import OUTLINE, TINT_ALPHA, outline, overlay, predict
-from tfpneumo.submit import SubmitError
+from tfpneumo.inference.ensemble import ensemble_predictor, predict_tta, scaled_size
+from tfpneumo.inference.pictures import OUTLINE, TINT_ALPHA, outline, overlay, predict
+from tfpneumo.inference.submission import SubmitError
 
 THRESHOLDS = {"rule": "pixel", "bottom": 0.5, "min_area": 1}
 

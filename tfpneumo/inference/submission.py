@@ -10,7 +10,7 @@ images and probability maps at a time, the next batch being read in a background
 The CSV is checked (ids equal the sample's, every RLE decodes to its image) before it replaces
 ``out`` atomically.
 
-Shared with :mod:`tfpneumo.predict`: :func:`load_ensemble`, :func:`resolve_thresholds`,
+Shared with :mod:`tfpneumo.inference.pictures`: :func:`load_ensemble`, :func:`resolve_thresholds`,
 :func:`load_image`, :func:`image_batches`, :func:`full_size_mask`.
 """
 
@@ -176,7 +176,7 @@ def load_ensemble(cfg: Config, workdir: Path = Path("."), folds: Any = "all",
 
 @dataclass(frozen=True)
 class Thresholds:
-    """How a probability map becomes a mask (see :func:`tfpneumo.inference.keep_prediction`).
+    """How a probability map becomes a mask (see :func:`tfpneumo.inference.ensemble.keep_prediction`).
 
     ``min_area`` is in pixels at the prediction size.
     """
@@ -196,7 +196,7 @@ class Thresholds:
         return f"pixel bottom={self.bottom:g} min_area={self.min_area}"
 
     def keep(self, prob: np.ndarray, label_prob: float) -> bool:
-        from tfpneumo.inference import keep_prediction
+        from tfpneumo.inference.ensemble import keep_prediction
 
         return keep_prediction(prob, label_prob, self.rule, bottom=self.bottom, top=self.top,
                                min_area=self.min_area, label_threshold=self.label_threshold)
@@ -265,7 +265,7 @@ def resolve_thresholds(cfg: Config, workdir: Path = Path("."),
         merged["rule"] = ("triplet" if "top" in merged else
                           "label" if "label_threshold" in merged else "pixel")
     rule = merged["rule"]
-    from tfpneumo.inference import RULES
+    from tfpneumo.inference.ensemble import RULES
 
     if rule not in RULES:
         raise SubmitError(f"rule {rule!r}: expected one of {', '.join(RULES)}")
@@ -534,7 +534,7 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
 
     from tfpneumo.data.pipeline import normalize
     from tfpneumo.data.prepare import Progress
-    from tfpneumo.inference import ensemble_predictor
+    from tfpneumo.inference.ensemble import ensemble_predictor
 
     predictor = ensemble_predictor(nets, hflip=hflip, scales=scales)
     bar = Progress(f"submit {out}", len(items), progress)

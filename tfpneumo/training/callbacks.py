@@ -175,7 +175,7 @@ class LearningRateLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            from tfpneumo.trainer import learning_rate
+            from tfpneumo.training.trainer import learning_rate
 
             logs["lr"] = learning_rate(self.model.optimizer)
 

@@ -10,7 +10,7 @@ from tfpneumo.tfimport import quiet_tensorflow
 tf = quiet_tensorflow()
 import keras  # noqa: E402
 
-from tfpneumo.metrics import (  # noqa: E402
+from tfpneumo.training.metrics import (  # noqa: E402
     KaggleDice,
     MetricError,
     batch_dice,

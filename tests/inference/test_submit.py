@@ -8,22 +8,20 @@ ImageNet normalisation in numpy, the model on the image and on its flip).
 
 from __future__ import annotations
 
-import atexit
 import csv
-import functools
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import PRED_SIZE, make_run, tiny_model_file  # noqa: F401
 
 import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
-from tfpneumo.config import ModelConfig, load_config
+from tfpneumo.config import load_config
 from tfpneumo.data import rle
-from tfpneumo.inference import keep_prediction
-from tfpneumo.submit import (
+from tfpneumo.inference.ensemble import keep_prediction
+from tfpneumo.inference.submission import (
     NO_THRESHOLDS,
     SubmitError,
     Thresholds,
@@ -34,41 +32,11 @@ from tfpneumo.submit import (
     submit,
 )
 
-PRED_SIZE = 128  # small prediction size keeps the tests fast; masks are still 1024x1024
 MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 STD = np.array((0.229, 0.224, 0.225), np.float32)
 
 
 # ----------------------------------------------------------------------------- shared fixtures
-
-@functools.lru_cache(maxsize=1)
-def tiny_model_file() -> Path:
-    """A random tiny UNet saved as .keras, built once per session (also used by test_predict)."""
-    import keras
-
-    from tfpneumo.models.unet import build_model
-
-    keras.utils.set_random_seed(0)
-    net = build_model(ModelConfig(encoder="resnet18", encoder_weights="none",
-                                  decoder_filters=(16, 8, 8, 8, 8)))
-    folder = Path(tempfile.mkdtemp(prefix="tfpneumo-test-model-"))
-    atexit.register(shutil.rmtree, folder, True)
-    net.save(folder / "tiny.keras")
-    return folder / "tiny.keras"
-
-
-def make_run(workdir: Path, experiment: str = "tiny", folds: tuple[int, ...] = (0,),
-             name: str = "best.keras"):
-    """runs/<experiment>/fold_<k>/<name> + result.json for each fold; returns a config whose
-    cache does not exist (so nothing is read from a manifest)."""
-    for k in folds:
-        fold = workdir / "runs" / experiment / f"fold_{k}"
-        fold.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tiny_model_file(), fold / name)
-        (fold / "result.json").write_text(json.dumps({"fold": k}))
-    return load_config(None, [f"experiment={experiment}", f"data.cache={workdir / 'no-cache'}",
-                              f"data.image_size={PRED_SIZE}", "data.batch_size=4"])
-
 
 def read_csv(path: Path) -> list[list[str]]:
     with open(path, newline="", encoding="utf-8") as f:

@@ -13,7 +13,7 @@ import pytest
 
 from tfpneumo import TfpneumoError
 from tfpneumo.config import Config
-from tfpneumo.evaluate import (
+from tfpneumo.evaluation.search import (
     EVALUATION_JSON,
     HEATMAP_PNG,
     IMAGES_CSV,
@@ -86,7 +86,7 @@ def test_snap_to_bin_edges():
 # ----------------------------------------------------------------------------- metric
 
 def numpy_histograms(probs: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W) maps -> (N, 256) histograms, bins as in tfpneumo.inference (numpy version)."""
+    """(N, H, W) maps -> (N, 256) histograms, bins as in tfpneumo.inference.ensemble (numpy version)."""
     index = np.clip((probs.reshape(len(probs), -1) * BINS).astype(np.int64), 0, BINS - 1)
     hist_all = np.stack([np.bincount(i, minlength=BINS) for i in index])
     hist_true = np.stack([np.bincount(i, weights=t.ravel(), minlength=BINS)
@@ -222,8 +222,8 @@ def brute_force(probs, truth, label_prob, grids: Grids):
 
 
 def tf_stats(tf, probs, truth, label_prob) -> OofStats:
-    """Histograms exactly as training writes them (tfpneumo.inference)."""
-    from tfpneumo.inference import probability_histograms
+    """Histograms exactly as training writes them (tfpneumo.inference.ensemble)."""
+    from tfpneumo.inference.ensemble import probability_histograms
 
     hist_all, hist_true = probability_histograms(tf.constant(probs[..., None]),
                                                  tf.constant(truth[..., None]))

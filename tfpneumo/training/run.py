@@ -33,14 +33,14 @@ from tfpneumo.tfimport import quiet_tensorflow
 tf = quiet_tensorflow()
 import keras  # noqa: E402
 
-from tfpneumo.callbacks import (  # noqa: E402
+from tfpneumo.training.callbacks import (  # noqa: E402
     ImagePanels,
     LearningRateLogger,
     NaNLossError,
     RunState,
     atomic_write_text,
 )
-from tfpneumo.trainer import Runtime, Trainer, build_optimizer, resolve_runtime  # noqa: E402
+from tfpneumo.training.trainer import Runtime, Trainer, build_optimizer, resolve_runtime  # noqa: E402
 
 
 def fold_dir(cfg: Config, fold: int, workdir: Path = Path(".")) -> Path:
@@ -133,11 +133,11 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
                 init_weights: Path | None = None, service: str | None = None) -> dict:
     """Trains one stage in ``stage_dir``, resuming from its last completed epoch."""
     from tfpneumo.data.pipeline import eval_dataset, train_dataset
-    from tfpneumo.losses import build_losses
-    from tfpneumo.metrics import KaggleDice
     from tfpneumo.models.unet import build_model, encoder_layers, set_encoder_trainable
-    from tfpneumo.schedules import build_schedule
-    from tfpneumo.swa import SWA
+    from tfpneumo.training.losses import build_losses
+    from tfpneumo.training.metrics import KaggleDice
+    from tfpneumo.training.schedules import build_schedule
+    from tfpneumo.training.swa import SWA
 
     done = stage_dir / "stage.json"
     if done.exists():
@@ -268,8 +268,8 @@ def _finish_stage(cfg: Config, fold: int, stage_dir: Path, net, state: RunState,
                   train_secs: float) -> dict:
     """Saves final/best/SWA/top-k networks and the out-of-fold statistics of the chosen one."""
     from tfpneumo.data.pipeline import train_dataset
-    from tfpneumo.inference import dice_from_histograms, out_of_fold_statistics
-    from tfpneumo.swa import apply_swa, average_checkpoints
+    from tfpneumo.inference.ensemble import dice_from_histograms, out_of_fold_statistics
+    from tfpneumo.training.swa import apply_swa, average_checkpoints
 
     tcfg = cfg.train
     net.save_weights(stage_dir / "final.weights.h5")

@@ -221,7 +221,7 @@ class Trainer(keras.Model):
         # Dice of the mask gated by the classification head (empty when p(label) <= 0.5): with
         # the mask loss on positive images only, the mask of a negative image is unconstrained
         # and only the head says it is empty (as in the 2nd and 4th place solutions).
-        from tfpneumo.metrics import KaggleDice
+        from tfpneumo.training.metrics import KaggleDice
 
         self.gated_dice = [KaggleDice(threshold=t, name=f"gated_dice@{t:g}")
                            for t in gated_thresholds]

@@ -28,11 +28,11 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 
 from tfpneumo import TfpneumoError  # noqa: E402
-from tfpneumo.callbacks import RunState  # noqa: E402
 from tfpneumo.config import Config, LossConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from tfpneumo.losses import bce_per_image, build_losses, mask_loss_function  # noqa: E402
-from tfpneumo.schedules import build_schedule  # noqa: E402
-from tfpneumo.trainer import (  # noqa: E402
+from tfpneumo.training.callbacks import RunState  # noqa: E402
+from tfpneumo.training.losses import bce_per_image, build_losses, mask_loss_function  # noqa: E402
+from tfpneumo.training.schedules import build_schedule  # noqa: E402
+from tfpneumo.training.trainer import (  # noqa: E402
     LayerwiseAdamW,
     Trainer,
     build_optimizer,
@@ -222,7 +222,7 @@ def _numpy_dice(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("head_bias", [6.0, -6.0], ids=["gate_open", "gate_closed"])
 def test_gated_dice_follows_the_label_head(head_bias):
-    from tfpneumo.metrics import KaggleDice
+    from tfpneumo.training.metrics import KaggleDice
 
     keras.utils.set_random_seed(0)
     net = tiny_net()
@@ -265,10 +265,10 @@ sys.path.insert(0, sys.argv[1])
 import keras  # noqa: E402
 from test_trainer import PLAIN_BCE, encoder_paths_of, make_batch, tiny_net  # noqa: E402
 
-from tfpneumo.callbacks import RunState  # noqa: E402
+from tfpneumo.training.callbacks import RunState  # noqa: E402
 from tfpneumo.config import Config, LossConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from tfpneumo.losses import build_losses  # noqa: E402
-from tfpneumo.trainer import Trainer, build_optimizer, resolve_runtime  # noqa: E402
+from tfpneumo.training.losses import build_losses  # noqa: E402
+from tfpneumo.training.trainer import Trainer, build_optimizer, resolve_runtime  # noqa: E402
 
 # One strategy object each for the whole run: several MirroredStrategy objects in one
 # process can mismatch their collective keys.

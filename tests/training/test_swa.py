@@ -8,7 +8,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from tfpneumo.swa import (  # noqa: E402
+from tfpneumo.training.swa import (  # noqa: E402
     SWA,
     SWAError,
     apply_swa,

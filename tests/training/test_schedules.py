@@ -11,7 +11,7 @@ from tfpneumo.config import ConfigError, OptimizerConfig
 
 keras = pytest.importorskip("keras")
 
-from tfpneumo.schedules import (  # noqa: E402
+from tfpneumo.training.schedules import (  # noqa: E402
     OneCycle,
     WarmupConstant,
     WarmupCosineRestarts,

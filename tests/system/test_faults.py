@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_submit import make_run
+from factories import make_run
 
 import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
 from tfpneumo.config import load_config
@@ -217,7 +217,7 @@ SLOW_SUBMIT = """\
 import sys
 import time
 
-import tfpneumo.submit as submit
+import tfpneumo.inference.submission as submit
 
 _load = submit.load_image
 
@@ -239,7 +239,7 @@ app()
 def submit_run(siim_mini, tmp_path_factory, tf) -> dict:
     """A tiny untrained model as runs/tiny/fold_0/best.keras and the CSV that an uninterrupted
     submit writes from it (in this process)."""
-    from tfpneumo.submit import submit
+    from tfpneumo.inference.submission import submit
 
     work = tmp_path_factory.mktemp("submit")
     make_run(work, experiment="tiny")

@@ -7,7 +7,7 @@ NAME``), so its peak resident memory is its own and no TensorFlow state carries 
   :func:`tfpneumo.data.prepare.prepare_cache`, 1 worker and all cores.
 * ``pipeline``: :func:`tfpneumo.data.pipeline.train_dataset` with the default augmentations on
   a synthetic cache, per ``num_parallel_calls``; target >= 60 img/s per core at 512.
-* ``train``: the train step of :class:`tfpneumo.trainer.Trainer` (each setting in its own
+* ``train``: the train step of :class:`tfpneumo.training.trainer.Trainer` (each setting in its own
   process): precision, XLA, batch size, against the PyTorch reference.
 * ``inference``: :func:`tfpneumo.inference.ensemble_predictor` as ``tfpneumo submit`` uses it,
   at 1024 with horizontal-flip TTA, and at 256 px batch 4 (the training parity setting).
@@ -211,7 +211,7 @@ def resolve_siim_mini(path: Path | None = None) -> Path:
         return Path(path)
     if os.environ.get("TFPNEUMO_SIIM"):
         return Path(os.environ["TFPNEUMO_SIIM"]) / "siim-mini"
-    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "siim" / "siim-mini"
+    beside_checkout = Path(__file__).resolve().parents[3] / "shared" / "siim" / "siim-mini"
     if beside_checkout.is_dir():
         return beside_checkout
     return Path("..") / "shared" / "siim" / "siim-mini"
@@ -528,9 +528,9 @@ def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
     import keras
 
     from tfpneumo.config import load_config
-    from tfpneumo.losses import build_losses
     from tfpneumo.models.unet import build_model, encoder_layers
-    from tfpneumo.trainer import Trainer, build_optimizer
+    from tfpneumo.training.losses import build_losses
+    from tfpneumo.training.trainer import Trainer, build_optimizer
 
     precision = resolve_precision(precision, bool(tf.config.list_physical_devices("GPU")))
     row: dict = {"size": size, "batch": batch, "precision": precision, "xla": xla,
@@ -657,7 +657,7 @@ def bench_inference(ctx: Context, *, cases: Sequence[Sequence] | None = None, se
 
     from tfpneumo.config import Config
     from tfpneumo.data.pipeline import normalize
-    from tfpneumo.inference import ensemble_predictor
+    from tfpneumo.inference.ensemble import ensemble_predictor
     from tfpneumo.models.unet import build_model
 
     if cases is None:
@@ -727,9 +727,9 @@ def binned_beta(a: float, b: float) -> np.ndarray:
 
 
 def random_oof_stats(n: int, side: int, seed: int = 0):
-    """Plausible :class:`tfpneumo.evaluate.OofStats` of ``n`` images of ``side`` pixels
+    """Plausible :class:`tfpneumo.evaluation.search.OofStats` of ``n`` images of ``side`` pixels
     without any probability map: multinomial histograms, 22 % positives, some false blobs."""
-    from tfpneumo.evaluate import OofStats
+    from tfpneumo.evaluation.search import OofStats
 
     rng = np.random.default_rng(seed)
     pixels = side * side
@@ -768,7 +768,7 @@ def bench_threshold(ctx: Context, *, images: int = 12_000, side: int = 512,
     end over 5 fake fold folders (read oof.npz, pooled and per-fold searches, JSON, CSV,
     heatmap); medians of ``repeats`` after one untimed call."""
     from tfpneumo.config import Config
-    from tfpneumo.evaluate import Grids, _area_grid, evaluate, parse_grid, search, snap
+    from tfpneumo.evaluation.search import Grids, _area_grid, evaluate, parse_grid, search, snap
 
     repeats = repeats or (3 if ctx.quick else 5)
     stats = random_oof_stats(images, side)

@@ -17,11 +17,11 @@ from tfpneumo.tfimport import quiet_tensorflow
 tf = quiet_tensorflow()
 import keras  # noqa: E402
 
-from tfpneumo import losses as L  # noqa: E402
 from tfpneumo.config import LossConfig  # noqa: E402
+from tfpneumo.training import losses as L  # noqa: E402
 
 EPS = 1e-7
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def as4d(values, shape=(2, 2)) -> np.ndarray:
@@ -399,7 +399,7 @@ def tiny_data(n: int = 4, size: int = 32, seed: int = 0):
 
 
 def test_compile_fit_save_load(tmp_path):
-    from tfpneumo.metrics import dice_metrics
+    from tfpneumo.training.metrics import dice_metrics
 
     keras.utils.set_random_seed(0)
     model = tiny_model()
@@ -431,7 +431,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
     import keras
-    from tfpneumo import losses as L
+    from tfpneumo.training import losses as L
 
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(4, 16, 16, 3)).astype(np.float32)
