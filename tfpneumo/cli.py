@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
-from tfpneumo import TfpneumoError
+from tfpneumo import grammar
 from tfpneumo.config import load_config, replace
+from tfpneumo.errors import TfpneumoError
 from tfpneumo.tfimport import quiet_tensorflow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -89,15 +90,16 @@ def prepare(
 @one_line_errors
 def train(
     config: ConfigOpt = None,
-    fold: Annotated[str, typer.Option(help="Fold index to validate on, or 'all' (each in turn).")] = "0",
+    fold: Annotated[str, typer.Option(help="Validation fold: an index, a list 0,2 or all (in turn).")] = "0",
     set_: SetOpt = None,
 ) -> None:
     """Train a fold (resumable) into runs/<experiment>/fold_<k>/."""
+    folds = grammar.parse_folds(fold, "--fold")
     cfg = load_config(config, set_ or [])
     quiet_tensorflow()
     from tfpneumo.training.run import train as train_folds
 
-    typer.echo(train_folds(cfg, fold))
+    typer.echo(train_folds(cfg, folds))
 
 
 @app.command()
@@ -113,29 +115,33 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Search thresholds on the out-of-fold predictions (triplet and classifier rules)."""
-    from tfpneumo.evaluation.search import evaluate as run_evaluate
+    grids = {"thresholds": grammar.probability_grid(thresholds, "--thresholds"),
+             "min_areas": grammar.area_grid(min_areas, "--min-areas"),
+             "bottoms": grammar.probability_grid(bottoms, "--bottoms"),
+             "label_thresholds": grammar.probability_grid(label_thresholds, "--label-thresholds")}
+    fold_list = grammar.parse_folds(folds)
+    from tfpneumo.evaluation.report import evaluate as run_evaluate
 
     cfg = load_config(config, set_ or [])
-    typer.echo(run_evaluate(cfg, folds=folds, thresholds=thresholds, min_areas=min_areas,
-                            bottoms=bottoms, label_thresholds=label_thresholds, out=out))
+    typer.echo(run_evaluate(cfg, folds=fold_list, out=out, **grids))
 
 
 # Options shared by submit and predict: which models, which thresholds, which TTA.
 FoldsOpt = Annotated[str, typer.Option("--folds", help="'all' trained folds or indices, e.g. 0,2.")]
 WeightsOpt = Annotated[str, typer.Option(help="auto (swa, else best) | best | swa | final | topk.")]
 SizeOpt = Annotated[int, typer.Option(help="Prediction size in pixels; masks are written at the DICOM's size.")]
-RuleOpt = Annotated[str | None, typer.Option(help="triplet | label | pixel (default: evaluate's best).")]
+RuleOpt = Annotated[str | None, typer.Option(help="triplet | label (default: evaluate's best).")]
 TopOpt = Annotated[float | None, typer.Option(help="Triplet top threshold.")]
 AreaOpt = Annotated[int | None, typer.Option(help="Minimum mask area in pixels at --size.")]
-BottomOpt = Annotated[float | None, typer.Option(help="Mask threshold.")]
+BottomOpt = Annotated[float | None, typer.Option(help="Mask threshold (alone: the plain rule, top = bottom).")]
 LabelOpt = Annotated[float | None, typer.Option(help="Classification-head threshold.")]
 ScalesOpt = Annotated[str, typer.Option(help="Multi-scale TTA, e.g. 0.75,1,1.25.")]
 HflipOpt = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal-flip TTA.")]
 
 
-def _thresholds(rule, top, min_area, bottom, label_threshold) -> dict:
-    """The command-line threshold overrides of submit and predict (None = from evaluate)."""
-    return {"rule": rule, "top": top, "min_area": min_area, "bottom": bottom,
+def _rule(kind, top, min_area, bottom, label_threshold) -> dict:
+    """The command-line overrides of evaluate's rule for submit and predict (None = keep)."""
+    return {"kind": kind, "top": top, "min_area": min_area, "bottom": bottom,
             "label_threshold": label_threshold}
 
 
@@ -158,8 +164,9 @@ def submit(
 
     cfg = load_config(config, set_ or [])
     typer.echo(run_submit(cfg, out=out, rle=rle, sample_submission=sample_submission, data=data,
-                          folds=folds, weights=weights, size=size, hflip=hflip, scales=scales,
-                          thresholds=_thresholds(rule, top, min_area, bottom, label_threshold)))
+                          folds=grammar.parse_folds(folds), weights=weights, size=size, hflip=hflip,
+                          scales=grammar.parse_scales(scales),
+                          rule=_rule(rule, top, min_area, bottom, label_threshold)))
 
 
 @app.command()
@@ -178,9 +185,9 @@ def predict(
     from tfpneumo.inference.pictures import predict as run_predict
 
     cfg = load_config(config, set_ or [])
-    typer.echo(run_predict(cfg, files, out=out, folds=folds, weights=weights, size=size,
-                           hflip=hflip, scales=scales,
-                           thresholds=_thresholds(rule, top, min_area, bottom, label_threshold)))
+    typer.echo(run_predict(cfg, files, out=out, folds=grammar.parse_folds(folds), weights=weights,
+                           size=size, hflip=hflip, scales=grammar.parse_scales(scales),
+                           rule=_rule(rule, top, min_area, bottom, label_threshold)))
 
 
 @app.command()

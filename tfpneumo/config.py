@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tfpneumo import TfpneumoError
+from tfpneumo.errors import TfpneumoError, first_line
 
 # data.service: local worker processes (local or local:N) or a dispatcher's address.
 SERVICE_RE = r"local(:[1-9][0-9]*)?|(grpc://)?(?!local:)[A-Za-z0-9.\-\[\]:]+:[0-9]+"
@@ -374,8 +374,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"{path}: invalid YAML ({first})") from e
+        raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -429,8 +428,8 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Writes the resolved config (every key) as YAML, atomically."""
+    from tfpneumo.files import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

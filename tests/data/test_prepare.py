@@ -13,7 +13,8 @@ import pytest
 from tfpneumo.config import Config, PrepareConfig
 from tfpneumo.data import records, rle
 from tfpneumo.data.labels import LabelError
-from tfpneumo.data.prepare import PrepareError, _assign_folds, prepare_cache, resize_mask
+from tfpneumo.data.prepare import PrepareError, _assign_folds, prepare_cache
+from tfpneumo.data.preprocess import resize_mask
 
 FOUR_ROWS = "1.2.276.0.7230010.3.1.4.8323329.307.1517875162.311533"
 

@@ -13,19 +13,14 @@ import pytest
 
 from tfpneumo import TfpneumoError
 from tfpneumo.config import Config
-from tfpneumo.evaluation.search import (
-    EVALUATION_JSON,
-    HEATMAP_PNG,
-    IMAGES_CSV,
-    Grids,
-    OofStats,
-    _border_notes,
-    apply_rule,
-    evaluate,
-    parse_grid,
-    search,
-    snap,
-)
+from tfpneumo.evaluation.oof import OofStats
+from tfpneumo.evaluation.report import _border_notes, evaluate
+from tfpneumo.evaluation.rules import Rule
+from tfpneumo.evaluation.search import Grids, search, snap
+from tfpneumo.grammar import area_grid, parse_folds, parse_grid, probability_grid
+from tfpneumo.runs import EVALUATION_HEATMAP as HEATMAP_PNG
+from tfpneumo.runs import EVALUATION_IMAGES as IMAGES_CSV
+from tfpneumo.runs import EVALUATION_JSON
 
 BINS = 256
 
@@ -139,7 +134,7 @@ def test_metric_hand_worked_through_histograms():
     best = result.best_triplet()
     assert (best["top"], best["min_area"], best["bottom"], best["score"]) == pytest.approx(
         (0.5, 2, 77 / 256, 0.7))
-    pred, dice = apply_rule(stats, best)
+    pred, dice = Rule.from_json(best).score_oof(stats)
     assert pred.tolist() == [0, 0, 6, 0]
     np.testing.assert_allclose(dice, [1, 1, 0.8, 0], atol=1e-12)
 
@@ -169,7 +164,7 @@ def test_perfect_and_disjoint_masks():
     stats = make_stats(probs, truth, label_prob=[0.9, 0.9])
     grids = Grids(bins=BINS, tops=np.array([128]), min_areas=np.array([0]),
                   bottoms=np.array([128]), label_thresholds=np.array([0.5]))
-    pred, dice = apply_rule(stats, search(stats, grids).best_triplet())
+    pred, dice = Rule.from_json(search(stats, grids).best_triplet()).score_oof(stats)
     assert pred.tolist() == [9, 4]
     assert dice.tolist() == [1.0, 0.0]
 
@@ -223,7 +218,7 @@ def brute_force(probs, truth, label_prob, grids: Grids):
 
 def tf_stats(tf, probs, truth, label_prob) -> OofStats:
     """Histograms exactly as training writes them (tfpneumo.inference.ensemble)."""
-    from tfpneumo.inference.ensemble import probability_histograms
+    from tfpneumo.evaluation.oof import probability_histograms
 
     hist_all, hist_true = probability_histograms(tf.constant(probs[..., None]),
                                                  tf.constant(truth[..., None]))
@@ -323,8 +318,10 @@ def fake_run(tmp_path: Path) -> tuple[Path, list[OofStats]]:
 
 def test_evaluate_end_to_end(fake_run):
     workdir, parts = fake_run
-    table = evaluate(Config(experiment="x"), workdir=workdir, min_areas="0,5,10,20,40",
-                     thresholds="0.3:0.6", bottoms="0.2:0.5:0.1")
+    table = str(evaluate(Config(experiment="x"), workdir=workdir,
+                         min_areas=area_grid("0,5,10,20,40", "--min-areas"),
+                         thresholds=parse_grid("0.3:0.6", "--thresholds"),
+                         bottoms=parse_grid("0.2:0.5:0.1", "--bottoms")))
     out = workdir / "runs" / "x"
     summary = json.loads((out / EVALUATION_JSON).read_text())
     pooled_stats = OofStats.concat(parts)
@@ -380,7 +377,7 @@ def brute_force_from_parts(parts, grids):
 
 def test_evaluate_one_fold_and_out_dir(fake_run, tmp_path):
     workdir, parts = fake_run
-    table = evaluate(Config(experiment="x"), folds="1", workdir=workdir, out=tmp_path / "ev")
+    table = str(evaluate(Config(experiment="x"), folds=[1], workdir=workdir, out=tmp_path / "ev"))
     summary = json.loads((tmp_path / "ev" / EVALUATION_JSON).read_text())
     assert summary["folds_used"] == [1] and summary["n_images"] == 20
     # auto min areas: fractions of the 32x32 image, 0 included
@@ -392,20 +389,21 @@ def test_evaluate_one_fold_and_out_dir(fake_run, tmp_path):
 def test_evaluate_errors(fake_run, tmp_path):
     workdir, _ = fake_run
     cfg = Config(experiment="x")
-    with pytest.raises(TfpneumoError, match=r"^fold 2 is not trained \(.*fold_2/result.json "
-                                            r"missing\); run tfpneumo train --fold 2$"):
-        evaluate(cfg, folds="2", workdir=workdir)
-    with pytest.raises(TfpneumoError, match=r"^fold 3 is not trained"):
-        evaluate(cfg, folds="0,3", workdir=workdir)
+    with pytest.raises(TfpneumoError, match=r"fold_2/result.json: fold 2 is not trained \(or its "
+                                            r"training did not finish\); run tfpneumo train --fold 2"):
+        evaluate(cfg, folds=[2], workdir=workdir)
+    with pytest.raises(TfpneumoError, match=r"fold 3 is not trained"):
+        evaluate(cfg, folds=[0, 3], workdir=workdir)
+    # the command line's grammar, parsed at the edge
     with pytest.raises(TfpneumoError, match=r"^--thresholds '0.6:0.3': start must be <= stop$"):
-        evaluate(cfg, thresholds="0.6:0.3", workdir=workdir)
+        probability_grid("0.6:0.3", "--thresholds")
     with pytest.raises(TfpneumoError, match=r"^--bottoms '0.2:1.5': values must be in \[0, 1\]$"):
-        evaluate(cfg, bottoms="0.2:1.5", workdir=workdir)
+        probability_grid("0.2:1.5", "--bottoms")
     with pytest.raises(TfpneumoError, match=r"^--min-areas '10.5': values must be whole"):
-        evaluate(cfg, min_areas="10.5", workdir=workdir)
+        area_grid("10.5", "--min-areas")
     with pytest.raises(TfpneumoError, match=r"^--folds 'one'"):
-        evaluate(cfg, folds="one", workdir=workdir)
-    with pytest.raises(TfpneumoError, match=r"no trained fold in .*runs/y"):
+        parse_folds("one")
+    with pytest.raises(TfpneumoError, match=r"runs/y: no trained fold"):
         evaluate(Config(experiment="y"), workdir=workdir)
     (workdir / "runs" / "x" / "fold_0" / "oof.npz").write_bytes(b"not a zip")
     with pytest.raises(TfpneumoError, match=r"fold_0/oof.npz: cannot read OOF statistics"):

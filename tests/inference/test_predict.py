@@ -7,12 +7,12 @@ import pytest
 from factories import make_run, tiny_model_file
 
 import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
+from tfpneumo import TfpneumoError as SubmitError
 from tfpneumo.data.dicom import DicomError, read_dicom
 from tfpneumo.inference.ensemble import ensemble_predictor, predict_tta, scaled_size
 from tfpneumo.inference.pictures import OUTLINE, TINT_ALPHA, outline, overlay, predict
-from tfpneumo.inference.submission import SubmitError
 
-THRESHOLDS = {"rule": "pixel", "bottom": 0.5, "min_area": 1}
+THRESHOLDS = {"kind": "triplet", "top": 0.5, "bottom": 0.5, "min_area": 1}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_predict_writes_three_pngs_at_the_dicom_size(siim_mini, tmp_path):
     cfg = make_run(tmp_path)
     files = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[:2]
     out = tmp_path / "pred"
-    summary = predict(cfg, files, out=out, thresholds=THRESHOLDS, size=64, workdir=tmp_path)
+    summary = predict(cfg, files, out=out, rule=THRESHOLDS, size=64, workdir=tmp_path)
     assert len(summary.splitlines()) == 3 and "wrote 6 PNGs" in summary
     for path in files:
         image_id = path.stem
@@ -69,19 +69,19 @@ def test_predict_rejects_a_file_that_is_not_dicom(tmp_path):
     bad = tmp_path / "notes.dcm"
     bad.write_text("not a DICOM at all\n")
     with pytest.raises(DicomError, match="notes.dcm: not a DICOM file") as info:
-        predict(cfg, [bad], out=tmp_path / "pred", thresholds=THRESHOLDS, workdir=tmp_path)
+        predict(cfg, [bad], out=tmp_path / "pred", rule=THRESHOLDS, workdir=tmp_path)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "pred").exists()
     with pytest.raises(DicomError, match="missing.dcm: file not found"):
         predict(cfg, [tmp_path / "missing.dcm"], out=tmp_path / "pred",
-                thresholds=THRESHOLDS, workdir=tmp_path)
+                rule=THRESHOLDS, workdir=tmp_path)
 
 
 def test_predict_refuses_two_files_with_one_id(siim_mini, tmp_path):
     cfg = make_run(tmp_path)
     path = next((siim_mini / "dicom-images-test").glob("*.dcm"))
     with pytest.raises(SubmitError, match="would overwrite each other"):
-        predict(cfg, [path, path], out=tmp_path / "pred", thresholds=THRESHOLDS,
+        predict(cfg, [path, path], out=tmp_path / "pred", rule=THRESHOLDS,
                 workdir=tmp_path)
 
 

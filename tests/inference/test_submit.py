@@ -18,19 +18,13 @@ import pytest
 from factories import PRED_SIZE, make_run, tiny_model_file  # noqa: F401
 
 import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
+from tfpneumo import TfpneumoError
 from tfpneumo.config import load_config
 from tfpneumo.data import rle
-from tfpneumo.inference.ensemble import keep_prediction
-from tfpneumo.inference.submission import (
-    NO_THRESHOLDS,
-    SubmitError,
-    Thresholds,
-    check_scales,
-    ensemble_files,
-    read_sample_ids,
-    resolve_thresholds,
-    submit,
-)
+from tfpneumo.evaluation.rules import NO_RULE, Rule, resolve_rule
+from tfpneumo.grammar import parse_folds, parse_scales
+from tfpneumo.inference.submission import SubmitError, read_sample_ids, submit
+from tfpneumo.runs import ensemble_files
 
 MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 STD = np.array((0.229, 0.224, 0.225), np.float32)
@@ -80,7 +74,7 @@ def split_thresholds(oracle):
     gap, i = max(gaps)
     assert gap > 1e-3, f"the random model's peaks are too close to split: {peaks}"
     top = float(0.5 * (peaks[i] + peaks[i + 1]))
-    return {"rule": "triplet", "top": top, "min_area": 1, "bottom": top - 0.05}
+    return {"kind": "triplet", "top": top, "min_area": 1, "bottom": top - 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +84,7 @@ def submitted(siim_mini, tmp_path_factory, split_thresholds):
     workdir = tmp_path_factory.mktemp("submit")
     cfg = make_run(workdir)
     out = workdir / "sub.csv"
-    summary = submit(cfg, out=out, data=siim_mini, thresholds=split_thresholds,
+    summary = submit(cfg, out=out, data=siim_mini, rule=split_thresholds,
                      size=PRED_SIZE, batch_size=4, workdir=workdir, progress=False)
     return {"workdir": workdir, "cfg": cfg, "out": out, "summary": summary}
 
@@ -131,7 +125,8 @@ def test_masks_match_the_hand_computed_oracle(submitted, oracle, split_threshold
 def test_evaluation_json_rerun_is_byte_identical_and_standard_rle_agrees(
         siim_mini, submitted, split_thresholds):
     workdir, cfg = submitted["workdir"], submitted["cfg"]
-    best = {**split_thresholds, "label_threshold": None, "score": 0.9,
+    rule = {("rule" if k == "kind" else k): v for k, v in split_thresholds.items()}
+    best = {**rule, "label_threshold": None, "score": 0.9,
             "min_area_fraction": 1 / PRED_SIZE**2, "pixels": PRED_SIZE**2}
     (workdir / "runs" / "tiny" / "evaluation.json").write_text(json.dumps({"best": best}))
     again = workdir / "again.csv"
@@ -171,7 +166,7 @@ def test_sample_id_without_dicom_is_an_error_and_writes_nothing(siim_mini, tmp_p
     out = tmp_path / "sub.csv"
     with pytest.raises(SubmitError, match="ID_missing01, ID_missing02") as info:
         submit(cfg, out=out, data=siim_mini, sample_submission=sample,
-               thresholds={"rule": "pixel", "bottom": 0.5}, size=64, workdir=tmp_path)
+               rule={"bottom": 0.5}, size=64, workdir=tmp_path)
     assert "2 of 12" in str(info.value) and "\n" not in str(info.value)
     assert not out.exists() and not (tmp_path / "sub.csv.tmp").exists()
 
@@ -182,7 +177,7 @@ def test_empty_test_folder_is_an_error(tmp_path):
     (data / "dicom-images-test").mkdir(parents=True)
     _mini_sample(data, ["ID_0001"]).rename(data / "sample_submission.csv")
     with pytest.raises(SubmitError, match="no .dcm files"):
-        submit(cfg, out=tmp_path / "sub.csv", data=data, thresholds={"bottom": 0.5},
+        submit(cfg, out=tmp_path / "sub.csv", data=data, rule={"bottom": 0.5},
                workdir=tmp_path)
     assert not (tmp_path / "sub.csv").exists()
 
@@ -191,8 +186,8 @@ def test_model_file_that_does_not_load_is_a_one_line_error(siim_mini, tmp_path):
     cfg = make_run(tmp_path, experiment="broken")
     model = tmp_path / "runs" / "broken" / "fold_0" / "best.keras"
     model.write_bytes(b"this is not a zip archive\n" * 10)
-    with pytest.raises(SubmitError) as info:
-        submit(cfg, out=tmp_path / "sub.csv", data=siim_mini, thresholds={"bottom": 0.5},
+    with pytest.raises(TfpneumoError) as info:
+        submit(cfg, out=tmp_path / "sub.csv", data=siim_mini, rule={"bottom": 0.5},
                size=64, workdir=tmp_path)
     message = str(info.value)
     assert message.startswith(f"{model}: cannot load model") and "\n" not in message
@@ -201,56 +196,62 @@ def test_model_file_that_does_not_load_is_a_one_line_error(siim_mini, tmp_path):
 
 def test_fold_not_trained_is_an_error(tmp_path):
     cfg = make_run(tmp_path, folds=(0,))
-    with pytest.raises(SubmitError, match=r"fold_1/result\.json: fold 1 is not trained"):
-        ensemble_files(cfg, tmp_path, folds="0,1")
+    with pytest.raises(TfpneumoError, match=r"fold_1/result\.json: fold 1 is not trained"):
+        ensemble_files(cfg.experiment, [0, 1], workdir=tmp_path)
     # a fold folder whose training did not finish (no result.json) is not trained either
     (tmp_path / "runs" / "tiny" / "fold_2").mkdir()
-    with pytest.raises(SubmitError, match="fold 2 is not trained"):
-        ensemble_files(cfg, tmp_path, folds=[2])
+    with pytest.raises(TfpneumoError, match="fold 2 is not trained"):
+        ensemble_files(cfg.experiment, [2], workdir=tmp_path)
     empty = load_config(None, ["experiment=nothing"])
-    with pytest.raises(SubmitError, match="no trained fold"):
-        ensemble_files(empty, tmp_path, folds="all")
+    with pytest.raises(TfpneumoError, match="no trained fold"):
+        ensemble_files(empty.experiment, "all", workdir=tmp_path)
 
 
 def test_weights_choice(tmp_path):
     cfg = make_run(tmp_path, folds=(0, 1))
     fold0 = tmp_path / "runs" / "tiny" / "fold_0"
     shutil.copy(fold0 / "best.keras", fold0 / "swa.keras")
-    files = ensemble_files(cfg, tmp_path, folds="all")  # auto: swa, else best, else final
+    files = ensemble_files(cfg.experiment, "all", workdir=tmp_path)  # auto: swa, best, final
     assert [(p.parent.name, p.name) for p in files] == [("fold_0", "swa.keras"),
                                                         ("fold_1", "best.keras")]
-    assert [p.name for p in ensemble_files(cfg, tmp_path, "1", "best")] == ["best.keras"]
-    with pytest.raises(SubmitError, match=r"fold_1/swa\.keras: model file not found"):
-        ensemble_files(cfg, tmp_path, folds="all", weights="swa")
-    with pytest.raises(SubmitError, match="--weights 'latest'"):
-        ensemble_files(cfg, tmp_path, weights="latest")
-    with pytest.raises(SubmitError, match="--folds 'a,b'"):
-        ensemble_files(cfg, tmp_path, folds="a,b")
+    assert [p.name for p in ensemble_files(cfg.experiment, [1], "best", tmp_path)] == ["best.keras"]
+    with pytest.raises(TfpneumoError, match=r"fold_1/swa\.keras: model file not found"):
+        ensemble_files(cfg.experiment, "all", "swa", tmp_path)
+    with pytest.raises(TfpneumoError, match="--weights 'latest'"):
+        ensemble_files(cfg.experiment, "all", "latest", tmp_path)
+    with pytest.raises(TfpneumoError, match="--folds 'a,b'"):
+        parse_folds("a,b")
+    assert parse_folds(" all ") == "all" and parse_folds("2,0,2") == [0, 2]
 
 
 def test_bad_options_are_rejected_before_any_work(siim_mini, tmp_path):
     cfg = make_run(tmp_path)
-    with pytest.raises(SubmitError, match="--size 100: must be a multiple of 32"):
+    with pytest.raises(TfpneumoError, match="--size 100: must be a multiple of 32"):
         submit(cfg, data=siim_mini, size=100, workdir=tmp_path)
     with pytest.raises(SubmitError, match="--rle 'kaggle'"):
         submit(cfg, data=siim_mini, rle="kaggle", workdir=tmp_path)
-    for scales in ("1,x", "1,0", "", (1.0, -0.5)):
-        with pytest.raises(SubmitError, match="--scales .*expected positive scales"):
-            submit(cfg, data=siim_mini, scales=scales, workdir=tmp_path)
-    assert check_scales("1, 0.75,1.25") == check_scales([1, 0.75, 1.25]) == (1.0, 0.75, 1.25)
+    with pytest.raises(TfpneumoError, match="--scales 1.0,-0.5: must be positive"):
+        submit(cfg, data=siim_mini, scales=(1.0, -0.5), workdir=tmp_path)
+    for scales in ("1,x", "1,0", ""):
+        with pytest.raises(TfpneumoError, match="--scales .*expected positive scales"):
+            parse_scales(scales)
+    assert parse_scales("1, 0.75,1.25") == parse_scales([1, 0.75, 1.25]) == (1.0, 0.75, 1.25)
     with pytest.raises(SubmitError, match="pass --data"):  # no cache manifest to read it from
-        submit(cfg, thresholds={"bottom": 0.5}, workdir=tmp_path)
+        submit(cfg, rule={"bottom": 0.5}, workdir=tmp_path)
 
 
 # ----------------------------------------------------------------------------- thresholds
 
 def test_no_thresholds_is_a_clear_error(tmp_path):
     cfg = make_run(tmp_path)
-    with pytest.raises(SubmitError) as info:
-        resolve_thresholds(cfg, tmp_path, None, 1024)
-    assert str(info.value) == NO_THRESHOLDS
-    with pytest.raises(SubmitError, match="triplet rule is missing --min-area"):
-        resolve_thresholds(cfg, tmp_path, {"top": 0.6, "bottom": 0.4}, 1024)
+    with pytest.raises(TfpneumoError) as info:
+        resolve_rule(cfg.experiment, tmp_path, None, 1024**2)
+    assert str(info.value) == NO_RULE
+    with pytest.raises(TfpneumoError, match="triplet rule is missing --min-area"):
+        resolve_rule(cfg.experiment, tmp_path, {"top": 0.6, "bottom": 0.4}, 1024**2)
+    # --bottom alone is the plain rule: a triplet with top = bottom and no area gate
+    assert resolve_rule(cfg.experiment, tmp_path, {"bottom": 0.4})[0] == Rule(
+        "triplet", bottom=0.4, top=0.4, min_area=0)
 
 
 def test_thresholds_from_evaluation_json_rescale_min_area(tmp_path):
@@ -259,22 +260,22 @@ def test_thresholds_from_evaluation_json_rescale_min_area(tmp_path):
             "label_threshold": None, "score": 0.85, "min_area_fraction": 100 / 128**2,
             "pixels": 128**2}
     (tmp_path / "runs" / "tiny" / "evaluation.json").write_text(json.dumps({"best": best}))
-    same, source = resolve_thresholds(cfg, tmp_path, None, 128)
-    assert same == Thresholds("triplet", bottom=0.375, top=0.75, min_area=100)
+    same, source = resolve_rule(cfg.experiment, tmp_path, None, 128**2)
+    assert same == Rule("triplet", bottom=0.375, top=0.75, min_area=100)
     assert source == "evaluation.json"
     # 1024 / 128 = 8 times the side: 64 times the area
-    assert resolve_thresholds(cfg, tmp_path, None, 1024)[0].min_area == 6400
-    assert resolve_thresholds(cfg, tmp_path, None, 256)[0].min_area == 400
-    over, source = resolve_thresholds(cfg, tmp_path, {"bottom": 0.5, "min_area": 7}, 1024)
-    assert over == Thresholds("triplet", bottom=0.5, top=0.75, min_area=7)
+    assert resolve_rule(cfg.experiment, tmp_path, None, 1024**2)[0].min_area == 6400
+    assert resolve_rule(cfg.experiment, tmp_path, None, 256**2)[0].min_area == 400
+    over, source = resolve_rule(cfg.experiment, tmp_path, {"bottom": 0.5, "min_area": 7}, 1024**2)
+    assert over == Rule("triplet", bottom=0.5, top=0.75, min_area=7)
     assert source == "evaluation.json + options"
-    label, _ = resolve_thresholds(cfg, tmp_path, {"rule": "label", "label_threshold": 0.6}, 128)
-    assert (label.rule, label.label_threshold, label.bottom) == ("label", 0.6, 0.375)
-    with pytest.raises(SubmitError, match=r"bottom=1\.5 .*must be in \[0, 1\]"):
-        resolve_thresholds(cfg, tmp_path, {"bottom": 1.5}, 128)
+    label, _ = resolve_rule(cfg.experiment, tmp_path, {"kind": "label", "label_threshold": 0.6}, 128**2)
+    assert (label.kind, label.label_threshold, label.bottom) == ("label", 0.6, 0.375)
+    with pytest.raises(TfpneumoError, match=r"bottom=1\.5 .*must be in \[0, 1\]"):
+        resolve_rule(cfg.experiment, tmp_path, {"bottom": 1.5}, 128**2)
     (tmp_path / "runs" / "tiny" / "evaluation.json").write_text("{not json")
-    with pytest.raises(SubmitError, match=r"evaluation\.json: not valid JSON"):
-        resolve_thresholds(cfg, tmp_path, None, 128)
+    with pytest.raises(TfpneumoError, match=r"evaluation\.json: not valid JSON"):
+        resolve_rule(cfg.experiment, tmp_path, None, 128**2)
 
 
 def test_gate_rules_on_a_hand_worked_map():
@@ -283,14 +284,19 @@ def test_gate_rules_on_a_hand_worked_map():
                      [0.0, 0.4, 0.3, 0.0],
                      [0.0, 0.0, 0.0, 0.0]], np.float32)
     # pixels >= 0.7: 3 (0.9, 0.8, 0.7); >= 0.4: 6; >= 0.5: 4 (>= is inclusive, like evaluate)
-    assert keep_prediction(prob, 0.0, "triplet", top=0.7, min_area=3, bottom=0.4)
-    assert not keep_prediction(prob, 0.0, "triplet", top=0.7, min_area=4, bottom=0.4)
-    assert keep_prediction(prob, 0.0, "triplet", top=0.95, min_area=0, bottom=0.4)  # no gate
-    assert keep_prediction(prob, 0.61, "label", label_threshold=0.6, bottom=0.4, min_area=6)
-    assert not keep_prediction(prob, 0.6, "label", label_threshold=0.6, bottom=0.4)  # > only
-    assert not keep_prediction(prob, 0.9, "label", label_threshold=0.6, bottom=0.4, min_area=7)
-    assert keep_prediction(prob, 0.0, "pixel", bottom=0.5, min_area=4)
-    assert not keep_prediction(prob, 0.0, "pixel", bottom=0.5, min_area=5)
+    assert Rule("triplet", top=0.7, min_area=3, bottom=0.4).gate(prob, 0.0)
+    assert not Rule("triplet", top=0.7, min_area=4, bottom=0.4).gate(prob, 0.0)
+    assert Rule("triplet", top=0.95, min_area=0, bottom=0.4).gate(prob, 0.0)  # no gate
+    assert Rule("label", label_threshold=0.6, bottom=0.4, min_area=6).gate(prob, 0.61)
+    assert not Rule("label", label_threshold=0.6, bottom=0.4).gate(prob, 0.6)  # > only
+    assert not Rule("label", label_threshold=0.6, bottom=0.4, min_area=7).gate(prob, 0.9)
+    plain = Rule("triplet", top=0.5, bottom=0.5, min_area=4)  # the plain rule, area-gated
+    assert plain.gate(prob, 0.0)
+    assert not Rule("triplet", top=0.5, bottom=0.5, min_area=5).gate(prob, 0.0)
+    assert plain.mask(prob, 0.0).sum() == 4  # mask: prob >= bottom at the map's size
+    assert plain.mask(prob, 0.0, (8, 8)).shape == (8, 8)
+    with pytest.raises(TfpneumoError, match="rule 'pixel': expected one of triplet, label"):
+        Rule("pixel", bottom=0.5)
 
 
 # ----------------------------------------------------------------------------- sample file

@@ -88,7 +88,7 @@ def test_training_beats_untrained_model_and_empty_baseline(trained_demo: Path, d
 
     from tfpneumo.config import load_config
     from tfpneumo.data.pipeline import eval_dataset
-    from tfpneumo.inference.ensemble import dice_from_histograms, out_of_fold_statistics
+    from tfpneumo.evaluation.oof import dice_from_histograms, out_of_fold_statistics
     from tfpneumo.models.unet import build_model
 
     cfg = load_config(trained_demo / "config.yaml")

@@ -31,7 +31,7 @@ PREPARE_ARGS = ["--size", "64", "--workers", "1", "--set", "prepare.shard_size=4
 SUBMIT_SIZE = 64
 # tiny batches so that a submit run spends a few batches writing its CSV
 SUBMIT_SET = ["experiment=tiny", "data.image_size=64", "data.batch_size=2"]
-SUBMIT_RULE = ["--rule", "pixel", "--bottom", "0.5"]
+SUBMIT_RULE = ["--bottom", "0.5"]
 TIMING_KEYS = ("seconds",)  # JSON fields that measure time, not content
 
 
@@ -217,9 +217,9 @@ SLOW_SUBMIT = """\
 import sys
 import time
 
-import tfpneumo.inference.submission as submit
+import tfpneumo.inference.images as images
 
-_load = submit.load_image
+_load = images.load_image
 
 
 def slow_load(*args, **kwargs):
@@ -227,7 +227,7 @@ def slow_load(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-submit.load_image = slow_load
+images.load_image = slow_load
 from tfpneumo.cli import app  # noqa: E402
 
 sys.argv[0] = "tfpneumo"
@@ -246,7 +246,7 @@ def submit_run(siim_mini, tmp_path_factory, tf) -> dict:
     sets = [*SUBMIT_SET, f"data.cache={work / 'no-cache'}"]
     ref = work / "reference.csv"
     submit(load_config(None, sets), out=ref, data=siim_mini, size=SUBMIT_SIZE,
-           thresholds={"rule": "pixel", "bottom": 0.5}, workdir=work, progress=False)
+           rule={"bottom": 0.5}, workdir=work, progress=False)
     args = ["submit", "--data", str(siim_mini), "--size", str(SUBMIT_SIZE), *SUBMIT_RULE]
     for s in sets:
         args += ["--set", s]

@@ -211,7 +211,7 @@ def test_submit_refuses_path_like_sample_ids(siim_mini, tmp_path, image_id):
     out = tmp_path / "sub.csv"
     with pytest.raises(SubmitError, match=r"sample\.csv: row 3: ImageId .*contains") as info:
         submit(cfg, out=out, data=siim_mini, sample_submission=sample, size=64,
-               thresholds={"bottom": 0.5}, workdir=tmp_path, progress=False)
+               rule={"bottom": 0.5}, workdir=tmp_path, progress=False)
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.csv"]
 
@@ -224,7 +224,8 @@ def test_keras_file_with_lambda_is_refused(tmp_path, tf):
     payload is live, unsafe loading (keras, not the project) does run it."""
     import keras
 
-    from tfpneumo.inference.submission import SubmitError, load_ensemble
+    from tfpneumo.inference.ensemble import load_network
+    from tfpneumo.runs import ensemble_files
 
     marker = tmp_path / "pwned"
     # The payload's path is a constant of the lambda's own code, so it survives marshalling.
@@ -243,8 +244,7 @@ def test_keras_file_with_lambda_is_refused(tmp_path, tf):
 
     cfg = load_config(None, ["experiment=evil", f"data.cache={tmp_path / 'no-cache'}"])
     with pytest.raises(TfpneumoError) as info:
-        load_ensemble(cfg, tmp_path, folds="all", weights="best")
-    assert isinstance(info.value, SubmitError)
+        [load_network(p) for p in ensemble_files(cfg.experiment, "all", "best", tmp_path)]
     message = str(info.value)
     assert message.startswith(f"{fold / 'best.keras'}: cannot load model")
     assert "\n" not in message and "Lambda" in message

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from tfpneumo import TfpneumoError
+from tfpneumo.errors import TfpneumoError
 
 AUTOTUNE = -1
 PIPELINE_TARGET_PER_CORE = 60.0  # img/s per core at 512 (issue: the pipeline must not starve)

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tfpneumo import TfpneumoError
 from tfpneumo.data.labels import check_id
+from tfpneumo.errors import TfpneumoError, first_line
 
 META_KEYS = ("patient_id", "patient_age", "patient_sex", "view_position", "sop_instance_uid")
 
@@ -85,16 +85,7 @@ def _header(path: Path, ds: Any) -> dict:
     try:
         return _meta(ds)
     except Exception as e:
-        raise DicomError(f"{path}: corrupt DICOM header ({_first_line(e)})") from e
-
-
-def _first_line(e: BaseException) -> str:
-    """``"Type: first line"`` of an exception; a line ending in ':' gets the next one too."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    text = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else " ".join(lines[:2])
-    return f"{type(e).__name__}: {text}"
+        raise DicomError(f"{path}: corrupt DICOM header ({first_line(e)})") from e
 
 
 def _read(path: Path, stop_before_pixels: bool) -> tuple[Any, list[str]]:
@@ -109,13 +100,13 @@ def _read(path: Path, stop_before_pixels: bool) -> tuple[Any, list[str]]:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
         except InvalidDicomError as e:
-            raise DicomError(f"{path}: not a DICOM file ({_first_line(e)})") from e
+            raise DicomError(f"{path}: not a DICOM file ({first_line(e)})") from e
         except FileNotFoundError as e:
             raise DicomError(f"{path}: file not found") from e
         except (EOFError, OSError) as e:
-            raise DicomError(f"{path}: truncated or unreadable DICOM ({_first_line(e)})") from e
+            raise DicomError(f"{path}: truncated or unreadable DICOM ({first_line(e)})") from e
         except Exception as e:  # pydicom raises assorted errors on corrupt element streams
-            raise DicomError(f"{path}: corrupt DICOM ({_first_line(e)})") from e
+            raise DicomError(f"{path}: corrupt DICOM ({first_line(e)})") from e
     return ds, [str(w.message).splitlines()[0] for w in caught]
 
 
@@ -135,7 +126,7 @@ def read_header(path: str | Path) -> dict:
         try:
             meta["height"], meta["width"] = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         except Exception as e:  # also the lazy parsing errors of a corrupt element
-            raise DicomError(f"{path}: invalid Rows/Columns ({_first_line(e)})") from e
+            raise DicomError(f"{path}: invalid Rows/Columns ({first_line(e)})") from e
     return meta
 
 
@@ -173,12 +164,12 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         try:
             pixels = ds.pixel_array
         except Exception as e:  # decoders (pillow, numpy) raise many types on corrupt data
-            raise DicomError(f"{path}: cannot decode pixel data ({_first_line(e)})") from e
+            raise DicomError(f"{path}: cannot decode pixel data ({first_line(e)})") from e
         meta = _header(path, ds)
         try:
             photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
         except Exception as e:  # lazy parsing of a corrupt element, see _header
-            raise DicomError(f"{path}: corrupt DICOM header ({_first_line(e)})") from e
+            raise DicomError(f"{path}: corrupt DICOM header ({first_line(e)})") from e
     if pixels.ndim != 2:
         raise DicomError(f"{path}: expected one 2-D grayscale frame, got pixel array of shape "
                          f"{pixels.shape} ({photometric})")

@@ -18,7 +18,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tfpneumo import TfpneumoError
+from tfpneumo.errors import TfpneumoError, first_line
 
 LABEL_FILES = ("train-rle.csv", "stage_2_train.csv", "train-rle.csv.gz", "stage_2_train.csv.gz")
 EMPTY = "-1"
@@ -152,8 +152,7 @@ def read_label_table(path: str | Path) -> LabelTable:
     except FileNotFoundError as e:
         raise LabelError(f"{path}: label file not found") from e
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, csv.Error) as e:
-        raise LabelError(f"{path}: not a readable CSV ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise LabelError(f"{path}: not a readable CSV ({first_line(e)})") from e
     except OSError as e:
         raise LabelError(f"{path}: cannot read ({e.strerror or e})") from e
     return table

@@ -22,10 +22,10 @@ from typing import Literal
 
 import numpy as np
 
-from tfpneumo import TfpneumoError
 from tfpneumo.config import Config
 from tfpneumo.data import records
 from tfpneumo.data.augment import augment_batch_uint8, finish_batch, normalize
+from tfpneumo.errors import TfpneumoError
 
 __all__ = ["PipelineError", "count_images", "eval_dataset", "normalize", "positive_rate",
            "train_dataset"]

@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -34,11 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from tfpneumo import TfpneumoError
 from tfpneumo.config import Config, dump_config, read_yaml, to_dict
 from tfpneumo.data import records
 from tfpneumo.data.dicom import DicomError, find_dicoms, read_dicom, read_header
 from tfpneumo.data.labels import LabelTable, find_labels, read_label_table
+from tfpneumo.data.manifest import write_manifest
+from tfpneumo.data.preprocess import network_image, resize_mask
+from tfpneumo.errors import TfpneumoError
+from tfpneumo.files import atomic_path, write_json, write_text
+from tfpneumo.progress import Progress
 
 VERSION = 1
 RLE_FORMAT = "relative"  # the competition's format, stage 1 and stage 2
@@ -92,16 +95,6 @@ def _skip(file: str | Path, row: int | None, reason: str) -> dict:
     return {"file": str(file), "row": row, "reason": reason}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _write_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -113,65 +106,7 @@ def _chunks(seq: Sequence, n: int) -> list[Sequence]:
     return [seq[i:i + n] for i in range(0, len(seq), n)]
 
 
-class Progress:
-    """A one-line progress display on stderr (redrawn only on a TTY) plus a final line."""
-
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, total, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.done = 0
-        self.start = time.perf_counter()
-
-    def _line(self) -> str:
-        seconds = time.perf_counter() - self.start
-        rate = self.done / seconds if seconds > 0 else 0.0
-        return (f"{self.label}: {self.done}/{self.total} images, {rate:.1f} img/s, "
-                f"{seconds:.1f} s")
-
-    def restart(self) -> None:
-        self.start = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.tty:
-            sys.stderr.write("\r" + self._line() + "\033[K")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write(("\r" + self._line() + "\033[K" if self.tty else self._line()) + "\n")
-            sys.stderr.flush()
-
-
 # ----------------------------------------------------------------------------- per image
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    if image.shape == (size, size):
-        return image
-    # INTER_AREA averages whole source pixels when shrinking (no aliasing); it is a poor
-    # upscaler, so growing uses bilinear.
-    interp = cv2.INTER_AREA if size < image.shape[0] else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) 0/1 mask -> (size, size) uint8 0/1.
-
-    The mask is resized as a coverage fraction (area average) and thresholded at 0.5, which
-    avoids the aliasing of nearest-neighbour sampling. A non-empty mask never becomes empty:
-    if no pixel reaches half coverage (a sliver thinner than one cached pixel), every pixel
-    it touches is kept instead.
-    """
-    if mask.shape == (size, size):
-        return mask.astype(np.uint8)
-    cover = resize_image(mask.astype(np.float32), size)
-    out = cover >= 0.5
-    if not out.any() and mask.any():
-        out = cover > 0
-    return out.astype(np.uint8)
-
 
 def _load(item: Item, size: int, clahe: bool, labels: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Decoded, resized image ``(size, size) uint8`` and mask (None for test images).
@@ -198,12 +133,7 @@ def _load(item: Item, size: int, clahe: bool, labels: str) -> tuple[np.ndarray, 
         if item.has_mask == 1 and not full.any():
             raise _Skip(f"{labels} rows {list(item.lines)}: positive image whose mask is empty")
         mask = resize_mask(full, size)
-    image = resize_image(pixels, size)
-    if clahe:
-        import cv2
-
-        image = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(image)
-    return image, mask
+    return network_image(pixels, size, clahe), mask
 
 
 def _index_row(item: Item, shard: str) -> dict:
@@ -222,10 +152,10 @@ def write_shard(task: ShardTask, out: str) -> dict:
     tf = quiet_tensorflow()
     start = time.perf_counter()
     path = Path(out) / task.name
-    tmp = path.with_name(path.name + ".tmp")
     written, skipped, index = [], [], []
+    tmp = path
     try:
-        with tf.io.TFRecordWriter(str(tmp)) as writer:
+        with atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
             for item in task.items:
                 try:
                     image, mask = _load(item, task.size, task.clahe, task.labels)
@@ -240,13 +170,12 @@ def write_shard(task: ShardTask, out: str) -> dict:
                     deterministic=True))
                 written.append(item.image_id)
                 index.append(_index_row(item, task.name))
-        os.replace(tmp, path)
         sidecar = {"version": VERSION, "shard": task.name, "source": task.source,
                    "planned": [item.image_id for item in task.items], "ids": written,
                    "positive": sum(1 for row in index if row["has_mask"] == 1),
                    "skipped": skipped, "index": index,
                    "seconds": round(time.perf_counter() - start, 3)}
-        _write_json(records.sidecar_path(path), sidecar)
+        write_json(records.sidecar_path(path), sidecar)
     except OSError as e:
         raise PrepareError(f"{e.filename or path}: cannot write ({e.strerror or e})") from e
     except tf.errors.OpError as e:  # TFRecordWriter's own I/O errors (disk full, ...)
@@ -601,23 +530,18 @@ def _write_results(out: Path, cfg: Config, source: dict, sidecars: list[dict],
     per_fold = {str(f): {"positive": 0, "negative": 0} for f in range(pc.folds)}
     for row in train:
         per_fold[str(row["fold"])]["positive" if row["has_mask"] == 1 else "negative"] += 1
-    manifest = {
-        "version": VERSION, "data_dir": source["data_dir"], "labels": source["labels"],
-        "size": pc.size, "folds": pc.folds, "group_by_patient": pc.group_by_patient,
-        "clahe": pc.clahe, "seed": pc.seed, "rle_format": RLE_FORMAT,
-        "counts": {"train": len(train), "test": len(index) - len(train), "positive": n_pos,
-                   "negative": len(train) - n_pos, "skipped": len(skipped)},
-        "fold_counts": per_fold,
-        "shards": [_shard_entry(s) for s in sidecars],
-        "skipped": skipped,
-        "seconds": round(seconds, 2),
-    }
     try:
-        _write_atomic(out / "index.csv", _index_csv(index))
-        _write_json(out / "manifest.json", manifest)
+        write_text(out / "index.csv", _index_csv(index))
+        return write_manifest(
+            out, size=pc.size, folds=pc.folds, clahe=pc.clahe, version=VERSION,
+            data_dir=source["data_dir"], labels=source["labels"],
+            group_by_patient=pc.group_by_patient, seed=pc.seed, rle_format=RLE_FORMAT,
+            counts={"train": len(train), "test": len(index) - len(train), "positive": n_pos,
+                    "negative": len(train) - n_pos, "skipped": len(skipped)},
+            fold_counts=per_fold, shards=[_shard_entry(s) for s in sidecars], skipped=skipped,
+            seconds=round(seconds, 2))
     except OSError as e:
         raise PrepareError(f"{e.filename or out}: cannot write ({e.strerror or e})") from e
-    return manifest
 
 
 def _shard_entry(sidecar: dict) -> dict:

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from tfpneumo import TfpneumoError
+from tfpneumo.errors import TfpneumoError
 
 FORMATS = ("relative", "standard")
 

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tfpneumo import TfpneumoError
+from tfpneumo.errors import TfpneumoError
 
 __all__ = ["LocalService", "ServiceError", "input_service", "serve_dispatcher", "serve_worker",
            "start_local_service", "stop_local_service"]

@@ -40,8 +40,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tfpneumo import TfpneumoError
 from tfpneumo.data import rle
+from tfpneumo.errors import TfpneumoError
 
 # pydicom's own UID root (1.2.826.0.1.3680043.8.498): the real files use OFFIS's root, which is
 # not ours to mint UIDs under. The suffix mirrors the real ".<kind>.<n>.<n>.<n>" pattern.

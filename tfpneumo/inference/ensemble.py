@@ -1,12 +1,25 @@
-"""Prediction helpers shared by training (out-of-fold statistics), evaluation and submission."""
+"""The fold ensemble at test time: loading the networks, TTA, and one predictor for all.
+
+``submit``, ``predict`` and the out-of-fold statistics of training all predict through
+:func:`predict_batch` / :func:`ensemble_predictor`; :class:`Predictor` adds the images: DICOMs
+in, probability maps at the prediction size and the original pixels out.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-HIST_BINS = 256
+from tfpneumo import runs
+from tfpneumo.config import Config
+from tfpneumo.data.manifest import find_cache_info
+from tfpneumo.errors import TfpneumoError, first_line
 
 
 def predict_batch(net: keras.Model, images, hflip: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
@@ -21,87 +34,6 @@ def predict_batch(net: keras.Model, images, hflip: bool = True) -> tuple[tf.Tens
         mask = 0.5 * (mask + tf.reverse(tf.cast(flipped["mask"], tf.float32), axis=[2]))
         label = 0.5 * (label + tf.cast(flipped["label"], tf.float32))
     return mask, tf.reshape(label, [-1])
-
-
-def probability_histograms(probs, truth, bins: int = HIST_BINS) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-image histograms of the mask probability over all pixels and over truth pixels.
-
-    probs (B, H, W, 1) float32 in [0, 1], truth (B, H, W, 1) 0/1 -> two (B, bins) int32.
-    Bin ``b`` holds probabilities in ``[b / bins, (b + 1) / bins)`` (1.0 in the last bin).
-    From these, any rule "pixel > t" is scored exactly for t on the bin edges, so out-of-fold
-    predictions need no full-size probability maps.
-    """
-    batch = tf.shape(probs)[0]
-    index = tf.clip_by_value(tf.cast(tf.reshape(probs, [batch, -1]) * bins, tf.int32), 0, bins - 1)
-    index += tf.range(batch)[:, None] * bins
-    weights = tf.cast(tf.reshape(truth, [batch, -1]) > 0.5, tf.int32)
-    flat = tf.reshape(index, [-1])
-    hist_all = tf.math.bincount(flat, minlength=batch * bins, maxlength=batch * bins)
-    hist_true = tf.math.bincount(flat, weights=tf.reshape(weights, [-1]),
-                                 minlength=batch * bins, maxlength=batch * bins)
-    return (tf.reshape(hist_all, [batch, bins]),
-            tf.reshape(tf.cast(hist_true, tf.int32), [batch, bins]))
-
-
-def out_of_fold_statistics(net: keras.Model, dataset, hflip: bool = True) -> dict[str, np.ndarray]:
-    """Runs ``net`` over an eval dataset (elements with image, mask, label, image_id).
-
-    Returns compact per-image arrays: ``image_id`` (N,) str, ``label_prob`` (N,) float32,
-    ``has_mask`` (N,) int8, ``hist_all`` and ``hist_true`` (N, 256) int32, ``pixels`` (N,)
-    int64. Memory is flat in image size: no probability map is kept.
-    """
-
-    @tf.function(reduce_retracing=True)
-    def step(images, masks):
-        probs, label = predict_batch(net, images, hflip)
-        hist_all, hist_true = probability_histograms(probs, masks)
-        return label, hist_all, hist_true
-
-    ids, labels, has_mask, hists_all, hists_true = [], [], [], [], []
-    for batch in dataset:
-        label, hist_all, hist_true = step(batch["image"], batch["mask"])
-        ids.extend(x.decode() for x in batch["image_id"].numpy())
-        labels.append(label.numpy())
-        has_mask.append(batch["label"].numpy().reshape(-1))
-        hists_all.append(hist_all.numpy())
-        hists_true.append(hist_true.numpy())
-    if not ids:
-        raise ValueError("the evaluation dataset is empty")
-    hist_all = np.concatenate(hists_all)
-    return {
-        "image_id": np.array(ids),
-        "label_prob": np.concatenate(labels).astype(np.float32),
-        "has_mask": (np.concatenate(has_mask) > 0.5).astype(np.int8),
-        "hist_all": hist_all.astype(np.int32),
-        "hist_true": np.concatenate(hists_true).astype(np.int32),
-        "pixels": hist_all.sum(axis=1).astype(np.int64),
-    }
-
-
-def dice_from_histograms(stats: dict[str, np.ndarray], threshold: float,
-                         label_threshold: float | None = None) -> float:
-    """Mean per-image Dice of the mask ``prob > threshold`` from the OOF histograms.
-
-    With ``label_threshold``, images whose ``label_prob`` is not above it are predicted empty.
-    Exact for thresholds on the bin edges (multiples of 1/256); 1.0 for an image where both
-    prediction and truth are empty, as in the competition metric.
-    """
-    hist_all, hist_true = stats["hist_all"], stats["hist_true"]
-    truth_area = hist_true.sum(axis=1)
-    if label_threshold is not None:
-        keep = (stats["label_prob"] > label_threshold)[:, None]
-        hist_all, hist_true = hist_all * keep, hist_true * keep
-    first = int(np.ceil(threshold * hist_all.shape[1] - 1e-9))
-    pred = hist_all[:, first:].sum(axis=1)
-    inter = hist_true[:, first:].sum(axis=1)
-    denom = pred + truth_area
-    dice = np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
-    return float(dice.mean())
-
-
-# ----------------------------------------------------------------------------- test-time inference
-
-RULES = ("triplet", "label", "pixel")
 
 
 def scaled_size(size: int, scale: float) -> int:
@@ -164,29 +96,102 @@ def ensemble_predictor(nets: list[keras.Model], hflip: bool = True,
     return run
 
 
-def keep_prediction(prob: np.ndarray, label_prob: float, rule: str, *, bottom: float,
-                    top: float | None = None, min_area: int = 0,
-                    label_threshold: float | None = None) -> bool:
-    """Whether an image gets a mask at all (the gate); its mask is then ``prob >= bottom``.
+# ----------------------------------------------------------------------------- networks
 
-    prob (H, W) float32 mask probabilities, label_prob the classification head's probability.
-    The rules of ``tfpneumo evaluate`` (areas are pixel counts of ``prob`` as given, so
-    ``min_area`` is at its resolution; ``>=`` on pixels as the OOF histograms count them):
+def load_network(path: Path):
+    """One saved network (safe_mode) whose outputs include ``mask`` and ``label``."""
+    # Registers the custom layers for loading. unet.py imports layers.py only inside
+    # build_model, so importing unet alone does not register BilinearUpSampling2D.
+    import tfpneumo.models.layers  # noqa: F401
+    import tfpneumo.models.unet  # noqa: F401
 
-    ``triplet`` (1st place): keep when ``count(prob >= top) >= min_area``.
-    ``label``: keep when ``label_prob > label_threshold`` and ``count(prob >= bottom) >=
-    min_area``.
-    ``pixel``: keep when ``count(prob >= bottom) >= min_area``.
-    """
-    if rule == "triplet":
-        if top is None:
-            raise ValueError("the triplet rule needs top")
-        return bool(np.count_nonzero(prob >= top) >= min_area)
-    if rule == "label":
-        if label_threshold is None:
-            raise ValueError("the label rule needs label_threshold")
-        if not label_prob > label_threshold:
-            return False
-    elif rule != "pixel":
-        raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
-    return bool(np.count_nonzero(prob >= bottom) >= min_area)
+    try:
+        net = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # keras raises many types for a bad zip, config or weights file
+        raise TfpneumoError(f"{path}: cannot load model ({first_line(e, 200)})") from e
+    outputs = net.output if isinstance(net.output, dict) else {}
+    if not {"mask", "label"} <= set(outputs):
+        raise TfpneumoError(f"{path}: not a tfpneumo UNet (outputs must include 'mask' and 'label')")
+    return net
+
+
+# ----------------------------------------------------------------------------- predictor
+
+@dataclass
+class Prediction:
+    """One image: ``prob`` (size, size) float32 mask probabilities at the prediction size,
+    ``label_prob`` the image-level probability, ``original`` (H, W) uint8 DICOM pixels."""
+
+    image_id: str
+    prob: np.ndarray
+    label_prob: float
+    original: np.ndarray
+
+
+@dataclass
+class Predictor:
+    """The fold ensemble of a run, ready to predict DICOMs at ``size`` px (see :func:`predictor`)."""
+
+    files: list[Path]
+    size: int
+    batch_size: int
+    hflip: bool
+    scales: tuple[float, ...]
+    clahe: bool  # as the cache the networks were trained on
+    run: Any  # ensemble_predictor(...)
+
+    def predict(self, items: Sequence[tuple[str, Path]]) -> Iterator[Prediction]:
+        """Predictions for (id, DICOM path) items, in order; one batch in memory at a time
+        (the next is decoded in a background thread). A bad DICOM raises naming it."""
+        from tfpneumo.data.pipeline import normalize
+        from tfpneumo.inference.images import image_batches
+
+        for batch in image_batches(items, self.size, self.batch_size, self.clahe):
+            probs, labels = self.run(normalize(batch.images[..., None]))
+            probs, labels = probs.numpy()[..., 0], labels.numpy()
+            for i, image_id in enumerate(batch.ids):
+                yield Prediction(image_id, probs[i], float(labels[i]), batch.originals[i])
+
+    def describe(self) -> str:
+        tta = "hflip" if self.hflip else "no flip"
+        if self.scales != (1.0,):
+            tta += f", scales {','.join(f'{s:g}' for s in self.scales)}"
+        names = ", ".join(f"{p.parent.name}/{p.name}" for p in self.files)
+        return f"ensemble of {len(self.files)} fold(s) ({names}), {tta}, size {self.size}"
+
+
+def predictor(cfg: Config, *, folds: runs.FoldSpec = "all", weights: str = "auto",
+              size: int = 1024, batch_size: int | None = None, hflip: bool = True,
+              scales: Sequence[float] = (1.0,), workdir: Path = Path(".")) -> Predictor:
+    """Loads the run's fold ensemble. ``batch_size`` None: the training batch scaled to
+    ``size`` (same pixels per batch). Bad options raise before any network is loaded."""
+    check_options(size, batch_size, scales)
+    scales = tuple(float(s) for s in scales)
+    batch_size = batch_size or max(1, int(cfg.data.batch_size * (cfg.data.image_size / size) ** 2))
+    files = runs.ensemble_files(cfg.experiment, folds, weights, workdir)
+    nets = [load_network(p) for p in files]
+    cache = find_cache_info(cfg.data.cache)
+    clahe = cache.clahe if cache is not None else cfg.prepare.clahe
+    return Predictor(files, size, batch_size, hflip, scales, clahe,
+                     ensemble_predictor(nets, hflip=hflip, scales=scales))
+
+
+def check_options(size: int, batch_size: int | None, scales: Sequence[float]) -> None:
+    """One-line errors for a prediction size, batch size or TTA scales that cannot work."""
+    if size < 32 or size % 32:
+        raise TfpneumoError(f"--size {size}: must be a multiple of 32 (the UNet downsamples 5 "
+                            "times), e.g. 512 or 1024")
+    if batch_size is not None and batch_size < 1:
+        raise TfpneumoError(f"--batch-size {batch_size}: must be >= 1")
+    scales = tuple(float(s) for s in scales)
+    if not scales or any(not float(s) > 0 for s in scales):
+        raise TfpneumoError(f"--scales {','.join(map(str, scales))}: must be positive")
+
+
+def untrained_note(cfg: Config, files: Sequence[Path]) -> str:
+    """``"; note: folds 1,2 of the cache are not in the ensemble"`` or ``""``."""
+    cache = find_cache_info(cfg.data.cache)
+    if cache is None:
+        return ""
+    left = sorted(set(range(cache.folds)) - {runs.fold_of(p) for p in files})
+    return f"; note: folds {','.join(map(str, left))} of the cache are not in the ensemble" if left else ""

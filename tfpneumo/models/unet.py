@@ -32,8 +32,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tfpneumo import TfpneumoError
 from tfpneumo.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from tfpneumo.errors import TfpneumoError
 from tfpneumo.models import layers as _custom_layers  # noqa: F401  (registers them for loading)
 
 if TYPE_CHECKING:

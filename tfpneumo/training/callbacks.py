@@ -5,23 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from tfpneumo import TfpneumoError
+from tfpneumo import runs
+from tfpneumo.errors import TfpneumoError
+from tfpneumo.files import atomic_path, write_bytes, write_json, write_npz
 
 
 class NaNLossError(TfpneumoError):
     """Training produced a NaN or infinite loss."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def score_from_logs(logs: dict, thresholds) -> float:
@@ -51,8 +46,8 @@ class RunState(keras.callbacks.Callback):
     def __init__(self, run_dir: Path, thresholds, top_k: int, trainer, swa=None):
         super().__init__()
         self.run_dir = Path(run_dir)
-        self.state_dir = self.run_dir / "state"
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.state_dir = self.run_dir / runs.STATE
+        self.ckpt_dir = self.run_dir / runs.CHECKPOINTS
         self.thresholds = tuple(thresholds)
         self.top_k = top_k
         self.trainer = trainer
@@ -97,16 +92,14 @@ class RunState(keras.callbacks.Callback):
         arrays.update({f"opt_{i}": w for i, w in enumerate(opt_w)})
         arrays.update(n_net=len(net_w), n_opt=len(opt_w))
         name = f"epoch-{epoch + 1:04d}.npz"
-        tmp = self.state_dir / (name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.state_dir / name)
+        write_npz(self.state_dir / name, **arrays)
         swa_name = None
         if self.swa is not None and self.swa.n > 0:
             swa_name = f"swa-{epoch + 1:04d}.npz"
             self.swa.save_state(self.state_dir / swa_name)
         meta = {"completed_epochs": epoch + 1, "arrays": name, "swa": swa_name,
                 "history": self.history, "top": self.top}
-        atomic_write_text(self.state_dir / "state.json", json.dumps(meta, indent=1))
+        write_json(self.state_dir / "state.json", meta)
         for old in [*self.state_dir.glob("epoch-*.npz"), *self.state_dir.glob("swa-*.npz")]:
             if old.name not in (name, swa_name):
                 old.unlink(missing_ok=True)
@@ -115,12 +108,10 @@ class RunState(keras.callbacks.Callback):
         if not self.history:
             return
         keys = ["epoch"] + sorted({k for row in self.history for k in row} - {"epoch"})
-        tmp = self.run_dir / "history.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.run_dir / runs.HISTORY) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.history)
-        os.replace(tmp, self.run_dir / "history.csv")
 
     # -- keras hooks ---------------------------------------------------------------------
     def on_epoch_begin(self, epoch, logs=None):
@@ -156,18 +147,15 @@ class RunState(keras.callbacks.Callback):
         mine = next((e for e in keep if e["epoch"] == epoch + 1), None)
         if mine is not None:
             path = self.ckpt_dir / f"epoch{epoch + 1:03d}-dice{score:.4f}.weights.h5"
-            tmp = self.ckpt_dir / f"tmp-{epoch + 1:03d}.weights.h5"
-            self.trainer.net.save_weights(tmp)
-            os.replace(tmp, path)
+            with atomic_path(path, keep_suffix=True) as tmp:
+                self.trainer.net.save_weights(tmp)
             mine["path"] = path.name
         for gone in entries[self.top_k:]:
             if gone["path"]:
                 (self.ckpt_dir / gone["path"]).unlink(missing_ok=True)
         self.top = keep
         best = self.ckpt_dir / keep[0]["path"]
-        tmp = self.run_dir / "best.weights.h5.tmp"
-        tmp.write_bytes(best.read_bytes())
-        os.replace(tmp, self.run_dir / "best.weights.h5")
+        write_bytes(self.run_dir / runs.BEST_WEIGHTS, best.read_bytes())
 
 
 class LearningRateLogger(keras.callbacks.Callback):

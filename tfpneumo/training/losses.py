@@ -24,8 +24,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from tfpneumo import TfpneumoError
 from tfpneumo.config import LossConfig
+from tfpneumo.errors import TfpneumoError
 
 EPSILON = 1e-7
 """Probabilities are clipped to ``[EPSILON, 1 - EPSILON]`` before a log (logit range +-16.1)."""

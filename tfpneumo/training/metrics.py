@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfpneumo import TfpneumoError
+from tfpneumo.errors import TfpneumoError
 
 
 class MetricError(TfpneumoError):

@@ -1,19 +1,8 @@
-"""``tfpneumo train``: one fold (or all) through every stage of the config, resumable.
+"""Training folds: every stage of the config, resumable, into the run folder.
 
-Run folder ``runs/<experiment>/fold_<k>/``::
-
-    config.yaml            resolved config
-    history.csv            one row per epoch (epoch, losses, val Dice per threshold, AUC, lr)
-    state/                 last completed epoch: weights + optimizer + SWA (resume)
-    checkpoints/           top-k weights by validation Dice
-    best.weights.h5        best checkpoint
-    tensorboard/           scalars and image panels
-    final.keras best.keras [swa.keras] [topk.keras]   saved networks (safe_mode loadable)
-    oof.npz                out-of-fold statistics of the selected model (see inference.py)
-    result.json            summary; written last (a fold with it is complete)
-
-With several ``train.stages`` each stage trains in ``stages/<name>/`` from the previous
-stage's final weights, and the last stage's artefacts are also written to the fold folder.
+The folder layout is :mod:`tfpneumo.runs`. With several ``train.stages`` each stage trains in
+``stages/<name>/`` from the previous stage's final weights, and the last stage's artefacts
+are also copied to the fold folder.
 """
 
 from __future__ import annotations
@@ -22,80 +11,67 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tfpneumo import TfpneumoError
+from tfpneumo import runs
 from tfpneumo.config import Config, dump_config, read_yaml, to_dict
+from tfpneumo.data.manifest import read_cache_info
+from tfpneumo.errors import TfpneumoError
+from tfpneumo.files import atomic_path, write_json, write_npz
 from tfpneumo.tfimport import quiet_tensorflow
 
 tf = quiet_tensorflow()
 import keras  # noqa: E402
 
-from tfpneumo.training.callbacks import (  # noqa: E402
-    ImagePanels,
-    LearningRateLogger,
-    NaNLossError,
-    RunState,
-    atomic_write_text,
-)
+from tfpneumo.training.callbacks import ImagePanels, LearningRateLogger, NaNLossError, RunState  # noqa: E402
 from tfpneumo.training.trainer import Runtime, Trainer, build_optimizer, resolve_runtime  # noqa: E402
 
 
-def fold_dir(cfg: Config, fold: int, workdir: Path = Path(".")) -> Path:
-    return Path(workdir) / "runs" / cfg.experiment / f"fold_{fold}"
+@dataclass(frozen=True)
+class TrainResult:
+    """The ``result.json`` of each trained fold, in fold order."""
+
+    folds: list[dict]
+
+    def __str__(self) -> str:
+        return "\n".join(f"fold {r['fold']}: best val Dice {r['best_val_dice']:.4f} (all-empty "
+                         f"baseline {r['empty_baseline']:.4f}) -> {r['run_dir']}"
+                         for r in self.folds)
 
 
-def cache_folds(cache: Path) -> int:
-    """The number of folds of a prepared cache (its manifest), or a one-line error."""
-    manifest = Path(cache) / "manifest.json"
-    if not manifest.exists():
-        raise TfpneumoError(f"{cache}: no prepared cache here (manifest.json missing); "
-                            "run `tfpneumo prepare` or set data.cache")
-    return int(json.loads(manifest.read_text())["folds"])
-
-
-def cache_size(cache: Path) -> int:
-    """The image side of a prepared cache."""
-    return int(json.loads((Path(cache) / "manifest.json").read_text())["size"])
-
-
-def train(cfg: Config, fold: str, workdir: Path = Path(".")) -> str:
-    """Trains ``fold`` ("all" or an index). Returns a summary, one line per fold."""
-    n_folds = cache_folds(Path(cfg.data.cache))
-    if fold == "all":
-        folds = list(range(n_folds))
-    else:
-        try:
-            folds = [int(fold)]
-        except ValueError:
-            raise TfpneumoError(f"--fold {fold!r}: expected a fold index or 'all'") from None
-        if not 0 <= folds[0] < n_folds:
-            raise TfpneumoError(f"--fold {fold}: the cache {cfg.data.cache} has folds 0..{n_folds - 1}")
+def train(cfg: Config, folds: runs.FoldSpec = "all", workdir: Path = Path(".")) -> TrainResult:
+    """Trains ``folds`` ("all" folds of the cache, or indices) one after another."""
+    cache = read_cache_info(cfg.data.cache)
+    if isinstance(folds, str):
+        if folds != "all":
+            raise TfpneumoError(f"folds {folds!r}: expected 'all' or fold indices")
+        folds = list(range(cache.folds))
+    for k in folds:
+        cache.check_fold(k)
     from tfpneumo.data.service import input_service
 
-    lines = []
+    results = []
     augments = [stage_cfg.augment for _, stage_cfg in cfg.stage_configs()]
     with input_service(cfg.data.service, augments) as service:
         if service:
             print(f"input: tf.data service {service} ({cfg.data.service})", file=sys.stderr)
         for k in folds:
-            result = train_fold(cfg, k, workdir, service=service)
-            lines.append(f"fold {k}: best val Dice {result['best_val_dice']:.4f} "
-                         f"(all-empty baseline {result['empty_baseline']:.4f}) -> {result['run_dir']}")
-    return "\n".join(lines)
+            results.append(train_fold(cfg, k, workdir, service=service))
+    return TrainResult(results)
 
 
 def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str | None = None) -> dict:
     """Trains one fold through every stage; ``service``: a tf.data service dispatcher address
     (from :func:`tfpneumo.data.service.input_service`) that makes the training batches."""
-    run_dir = fold_dir(cfg, fold, workdir)
-    result_path = run_dir / "result.json"
+    run_dir = runs.fold_dir(cfg.experiment, fold, workdir)
+    result_path = run_dir / runs.RESULT
     if result_path.exists():
         return json.loads(result_path.read_text())
     _check_same_config(cfg, run_dir)
-    dump_config(cfg, run_dir / "config.yaml")
+    dump_config(cfg, run_dir / runs.CONFIG)
     runtime = resolve_runtime(cfg.train)
     if runtime.strategy_name == "multi_worker":
         # Keras 3.15's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585,
@@ -109,21 +85,20 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
     previous: Path | None = None
     result: dict = {}
     for i, (name, stage_cfg) in enumerate(stages):
-        stage_dir = run_dir if len(stages) == 1 else run_dir / "stages" / name
+        stage_dir = run_dir if len(stages) == 1 else run_dir / runs.STAGES / name
         result = train_stage(stage_cfg, fold, stage_dir, runtime, init_weights=previous, service=service)
-        previous = stage_dir / "final.weights.h5"
+        previous = stage_dir / runs.FINAL_WEIGHTS
         if len(stages) > 1 and i == len(stages) - 1:
-            for artefact in ("final.keras", "best.keras", "swa.keras", "topk.keras", "oof.npz",
-                             "history.csv", "best.weights.h5"):
+            for artefact in runs.FOLD_ARTEFACTS:
                 if (stage_dir / artefact).exists():
                     shutil.copy2(stage_dir / artefact, run_dir / artefact)
     result = {**result, "run_dir": str(run_dir), "stages": [n for n, _ in stages]}
-    atomic_write_text(result_path, json.dumps(result, indent=1))
+    write_json(result_path, result)
     return result
 
 
 def _check_same_config(cfg: Config, run_dir: Path) -> None:
-    saved = run_dir / "config.yaml"
+    saved = run_dir / runs.CONFIG
     if saved.exists() and read_yaml(saved) != to_dict(cfg):
         raise TfpneumoError(f"{run_dir} was trained with another config ({saved}); "
                             "resume with the same config, or pick a new experiment name")
@@ -139,11 +114,11 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     from tfpneumo.training.schedules import build_schedule
     from tfpneumo.training.swa import SWA
 
-    done = stage_dir / "stage.json"
+    done = stage_dir / runs.STAGE_RESULT
     if done.exists():
         return json.loads(done.read_text())
     stage_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, stage_dir / "config.yaml")
+    dump_config(cfg, stage_dir / runs.CONFIG)
     keras.utils.set_random_seed(cfg.seed + fold)
     keras.mixed_precision.set_global_policy(runtime.precision)
     tcfg, cache = cfg.train, Path(cfg.data.cache)
@@ -154,7 +129,7 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
             f"config key data.batch_size: {cfg.data.batch_size} must split evenly over "
             f"{runtime.replicas} replicas and {cfg.optimizer.accumulation_steps} accumulation steps")
 
-    resuming = (stage_dir / "state" / "state.json").exists()
+    resuming = (stage_dir / runs.STATE / "state.json").exists()
     model_cfg = cfg.model
     if resuming or init_weights is not None:
         from dataclasses import replace as dc_replace
@@ -164,7 +139,7 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     _, steps = train_dataset(cache, fold, cfg, epochs=epochs,
                              steps_per_epoch=tcfg.steps_per_epoch or None, seed=cfg.seed + fold)
     val_ds = eval_dataset(cache, fold, cfg, split="val")
-    size, val_side = cfg.data.image_size, cache_size(cache)
+    size, val_side = cfg.data.image_size, read_cache_info(cache).size
     if cfg.data.crop == "resize" and size != val_side:
         val_side = size
         # Trained on whole images resized to image_size: validate at that scale too (with
@@ -210,11 +185,12 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     if swa is not None:
         callbacks.append(swa)
     callbacks.append(state)
-    callbacks.append(keras.callbacks.TensorBoard(str(stage_dir / "tensorboard"), write_graph=False,
+    board = stage_dir / runs.TENSORBOARD
+    callbacks.append(keras.callbacks.TensorBoard(str(board), write_graph=False,
                                                  update_freq="epoch", profile_batch=0))
     if tcfg.tensorboard_images:
         images, masks = _panel_examples(val_ds, tcfg.tensorboard_images)
-        callbacks.append(ImagePanels(stage_dir / "tensorboard" / "images", images, masks))
+        callbacks.append(ImagePanels(board / "images", images, masks))
 
     freeze = tcfg.freeze_encoder_epochs
     phases = [(s, e, frozen) for s, e, frozen in ((start, min(freeze, epochs), True),
@@ -241,7 +217,7 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
             raise
         if state.nan_at is not None:
             epoch, batch = state.nan_at
-            good = (f"last good state: epoch {state.completed_epochs} in {stage_dir / 'state'}"
+            good = (f"last good state: epoch {state.completed_epochs} in {stage_dir / runs.STATE}"
                     if state.completed_epochs else "no completed epoch to keep")
             raise NaNLossError(f"loss became NaN/inf in epoch {epoch + 1}"
                                f"{f' batch {batch + 1}' if batch >= 0 else ''}; training stopped "
@@ -268,32 +244,35 @@ def _finish_stage(cfg: Config, fold: int, stage_dir: Path, net, state: RunState,
                   train_secs: float) -> dict:
     """Saves final/best/SWA/top-k networks and the out-of-fold statistics of the chosen one."""
     from tfpneumo.data.pipeline import train_dataset
-    from tfpneumo.inference.ensemble import dice_from_histograms, out_of_fold_statistics
+    from tfpneumo.evaluation.oof import dice_from_histograms, out_of_fold_statistics
     from tfpneumo.training.swa import apply_swa, average_checkpoints
 
     tcfg = cfg.train
-    net.save_weights(stage_dir / "final.weights.h5")
-    net.save(stage_dir / "final.keras")
+    def save(kind: str) -> None:
+        with atomic_path(stage_dir / runs.NETWORKS[kind], keep_suffix=True) as tmp:
+            net.save(tmp)
+
+    with atomic_path(stage_dir / runs.FINAL_WEIGHTS, keep_suffix=True) as tmp:
+        net.save_weights(tmp)
+    save("final")
     selected = "final"
     if state.top:
-        net.load_weights(stage_dir / "best.weights.h5")
-        net.save(stage_dir / "best.keras")
+        net.load_weights(stage_dir / runs.BEST_WEIGHTS)
+        save("best")
         selected = "best"
     if swa is not None and swa.n > 0:
         bn_ds, _ = train_dataset(Path(cfg.data.cache), fold, cfg, epochs=tcfg.epochs,
                                  seed=cfg.seed + fold)
         apply_swa(net, swa.averaged_weights(), bn_ds, tcfg.swa_bn_steps)
-        net.save(stage_dir / "swa.keras")
+        save("swa")
         selected = "swa"
     elif len(state.top) > 1:
-        average_checkpoints(net, [stage_dir / "checkpoints" / e["path"] for e in state.top])
-        net.save(stage_dir / "topk.keras")
+        average_checkpoints(net, [stage_dir / runs.CHECKPOINTS / e["path"] for e in state.top])
+        save("topk")
     if selected != "swa":  # the OOF statistics describe the model evaluate/submit will use
-        net.load_weights(stage_dir / f"{'best' if selected == 'best' else 'final'}.weights.h5")
+        net.load_weights(stage_dir / (runs.BEST_WEIGHTS if selected == "best" else runs.FINAL_WEIGHTS))
     oof = out_of_fold_statistics(net, val_ds)
-    tmp = stage_dir / "oof.tmp.npz"
-    np.savez(tmp, **oof, fold=fold, model=selected)
-    tmp.replace(stage_dir / "oof.npz")
+    write_npz(stage_dir / runs.OOF, **oof, fold=fold, model=selected)
     empty = float(np.mean(oof["has_mask"] == 0))
     oof_dice = {f"{t:g}": dice_from_histograms(oof, t) for t in tcfg.val_thresholds}
     oof_dice.update({f"gated@{t:g}": dice_from_histograms(oof, t, 0.5)
@@ -307,5 +286,5 @@ def _finish_stage(cfg: Config, fold: int, stage_dir: Path, net, state: RunState,
         "oof_dice_by_threshold": oof_dice,
         "train_seconds": round(train_secs, 1),
     }
-    atomic_write_text(stage_dir / "stage.json", json.dumps(result, indent=1))
+    write_json(stage_dir / runs.STAGE_RESULT, result)
     return result

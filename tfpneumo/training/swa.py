@@ -16,7 +16,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfpneumo import TfpneumoError
+from tfpneumo.errors import TfpneumoError, first_line
+from tfpneumo.files import write_npz
 
 
 class SWAError(TfpneumoError):
@@ -128,10 +129,7 @@ class SWA(keras.callbacks.Callback):
         if self._mean is not None:
             arrays["dtypes"] = np.array([d.str for d in self._dtypes])
             arrays.update({f"mean_{j:05d}": m for j, m in enumerate(self._mean)})
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        write_npz(path, **arrays)
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Reads a state written by :meth:`save_state` (replaces the current one)."""
@@ -145,8 +143,7 @@ class SWA(keras.callbacks.Callback):
                 else:
                     dtypes, mean = None, None
         except (OSError, KeyError, ValueError) as e:
-            raise SWAError(f"{path}: not a readable SWA state ({e.__class__.__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
+            raise SWAError(f"{path}: not a readable SWA state ({first_line(e)})") from e
         if self.model is not None and mean is not None:
             shapes = [tuple(np.shape(w)) for w in self.model.weights]
             if shapes != [m.shape for m in mean]:
@@ -273,8 +270,7 @@ def average_checkpoints(model: keras.Model, paths: Sequence[str | os.PathLike]) 
         try:
             model.load_weights(str(path))
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise SWAError(f"{path}: cannot load into the model ({first})") from e
+            raise SWAError(f"{path}: cannot load into the model ({first_line(e)})") from e
         collected.append(model.get_weights())
     averaged = average_weights(collected)
     model.set_weights(averaged)

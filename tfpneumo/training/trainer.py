@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from tfpneumo import TfpneumoError
 from tfpneumo.config import Config, TrainConfig
+from tfpneumo.errors import TfpneumoError
 
 # ----------------------------------------------------------------------------- devices
 

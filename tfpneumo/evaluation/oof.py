@@ -1,0 +1,213 @@
+"""Out-of-fold statistics: what training keeps of its validation predictions.
+
+For each validation image, ``oof.npz`` holds two histograms of the mask probability
+(``HIST_BINS`` bins, over all pixels and over truth pixels), the label probability, the
+truth's has-mask flag and the pixel count. From them every rule "pixel on when prob >= t"
+with ``t`` on a bin edge ``k / HIST_BINS`` is scored exactly, so evaluation never needs a
+probability map. Bin ``b`` holds ``[b / bins, (b + 1) / bins)`` (1.0 in the last bin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tfpneumo import runs
+from tfpneumo.errors import TfpneumoError
+
+HIST_BINS = 256
+OOF_KEYS = ("image_id", "label_prob", "has_mask", "hist_all", "hist_true", "pixels")
+
+
+# ----------------------------------------------------------------------------- collecting (TF)
+
+def probability_histograms(probs, truth, bins: int = HIST_BINS):
+    """Per-image histograms of the mask probability over all pixels and over truth pixels.
+
+    probs (B, H, W, 1) float32 in [0, 1], truth (B, H, W, 1) 0/1 -> two (B, bins) int32.
+    Bin ``b`` holds probabilities in ``[b / bins, (b + 1) / bins)`` (1.0 in the last bin).
+    From these, any rule "pixel > t" is scored exactly for t on the bin edges, so out-of-fold
+    predictions need no full-size probability maps.
+    """
+    import tensorflow as tf
+
+    batch = tf.shape(probs)[0]
+    index = tf.clip_by_value(tf.cast(tf.reshape(probs, [batch, -1]) * bins, tf.int32), 0, bins - 1)
+    index += tf.range(batch)[:, None] * bins
+    weights = tf.cast(tf.reshape(truth, [batch, -1]) > 0.5, tf.int32)
+    flat = tf.reshape(index, [-1])
+    hist_all = tf.math.bincount(flat, minlength=batch * bins, maxlength=batch * bins)
+    hist_true = tf.math.bincount(flat, weights=tf.reshape(weights, [-1]),
+                                 minlength=batch * bins, maxlength=batch * bins)
+    return (tf.reshape(hist_all, [batch, bins]),
+            tf.reshape(tf.cast(hist_true, tf.int32), [batch, bins]))
+
+
+def out_of_fold_statistics(net, dataset, hflip: bool = True) -> dict[str, np.ndarray]:
+    """Runs ``net`` over an eval dataset (elements with image, mask, label, image_id).
+
+    Returns compact per-image arrays: ``image_id`` (N,) str, ``label_prob`` (N,) float32,
+    ``has_mask`` (N,) int8, ``hist_all`` and ``hist_true`` (N, 256) int32, ``pixels`` (N,)
+    int64. Memory is flat in image size: no probability map is kept.
+    """
+
+    import tensorflow as tf
+
+    from tfpneumo.inference.ensemble import predict_batch
+
+    @tf.function(reduce_retracing=True)
+    def step(images, masks):
+        probs, label = predict_batch(net, images, hflip)
+        hist_all, hist_true = probability_histograms(probs, masks)
+        return label, hist_all, hist_true
+
+    ids, labels, has_mask, hists_all, hists_true = [], [], [], [], []
+    for batch in dataset:
+        label, hist_all, hist_true = step(batch["image"], batch["mask"])
+        ids.extend(x.decode() for x in batch["image_id"].numpy())
+        labels.append(label.numpy())
+        has_mask.append(batch["label"].numpy().reshape(-1))
+        hists_all.append(hist_all.numpy())
+        hists_true.append(hist_true.numpy())
+    if not ids:
+        raise ValueError("the evaluation dataset is empty")
+    hist_all = np.concatenate(hists_all)
+    return {
+        "image_id": np.array(ids),
+        "label_prob": np.concatenate(labels).astype(np.float32),
+        "has_mask": (np.concatenate(has_mask) > 0.5).astype(np.int8),
+        "hist_all": hist_all.astype(np.int32),
+        "hist_true": np.concatenate(hists_true).astype(np.int32),
+        "pixels": hist_all.sum(axis=1).astype(np.int64),
+    }
+
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class OofStats:
+    """Out-of-fold statistics of N images (several folds concatenated).
+
+    image_id (N,) str, fold (N,) int64, label_prob (N,) float32, has_mask (N,) int8,
+    hist_all and hist_true (N, bins) int32 (bin b = [b/bins, (b+1)/bins)), pixels (N,) int64.
+    """
+
+    image_id: np.ndarray
+    fold: np.ndarray
+    label_prob: np.ndarray
+    has_mask: np.ndarray
+    hist_all: np.ndarray
+    hist_true: np.ndarray
+    pixels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    @property
+    def bins(self) -> int:
+        return self.hist_all.shape[1]
+
+    def subset(self, index: np.ndarray) -> OofStats:
+        return OofStats(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    @staticmethod
+    def concat(parts: Sequence[OofStats]) -> OofStats:
+        fields = OofStats.__dataclass_fields__
+        return OofStats(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+
+
+def load_oof(path: Path, fold: int) -> OofStats:
+    """Reads and checks one ``oof.npz``; any problem is a one-line error naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in OOF_KEYS if k not in data.files]
+            if missing:
+                raise TfpneumoError(f"{path}: not an OOF statistics file (missing {missing})")
+            arrays = {k: data[k] for k in OOF_KEYS}
+    except (OSError, ValueError, EOFError) as e:
+        raise TfpneumoError(f"{path}: cannot read OOF statistics ({e})") from e
+    hist_all, hist_true = arrays["hist_all"], arrays["hist_true"]
+    n = len(arrays["image_id"])
+    if n == 0:
+        raise TfpneumoError(f"{path}: no images")
+    if hist_all.ndim != 2 or hist_all.shape != hist_true.shape or hist_all.shape[0] != n:
+        raise TfpneumoError(f"{path}: hist_all {hist_all.shape} and hist_true {hist_true.shape} "
+                            f"must both be ({n}, bins)")
+    for key in ("label_prob", "has_mask", "pixels"):
+        if arrays[key].shape != (n,):
+            raise TfpneumoError(f"{path}: {key} has shape {arrays[key].shape}, expected ({n},)")
+    if np.any(hist_true > hist_all) or np.any(hist_true < 0):
+        raise TfpneumoError(f"{path}: hist_true exceeds hist_all (corrupt statistics)")
+    if np.any(hist_all.sum(axis=1, dtype=np.int64) != arrays["pixels"]):
+        raise TfpneumoError(f"{path}: histogram sums differ from pixels (corrupt statistics)")
+    return OofStats(
+        image_id=arrays["image_id"].astype(str),
+        fold=np.full(n, fold, np.int64),
+        label_prob=arrays["label_prob"].astype(np.float32),
+        has_mask=arrays["has_mask"].astype(np.int8),
+        hist_all=hist_all.astype(np.int32),
+        hist_true=hist_true.astype(np.int32),
+        pixels=arrays["pixels"].astype(np.int64),
+    )
+
+
+def load_run_oof(experiment: str, folds: Sequence[int], workdir: str | Path = ".") -> tuple[OofStats, dict[int, str]]:
+    """The OOF statistics of trained ``folds`` concatenated, and the kind of network
+    (swa, best, final) each fold's statistics describe. One image size and bin count only."""
+    parts, models = [], {}
+    for k in folds:
+        path = runs.fold_dir(experiment, k, workdir) / runs.OOF
+        if not path.exists():
+            raise TfpneumoError(f"{path}: missing although {runs.RESULT} exists; "
+                                f"rerun tfpneumo train --fold {k}")
+        parts.append(load_oof(path, k))
+        with np.load(path, allow_pickle=False) as data:
+            models[k] = str(data["model"]) if "model" in data.files else "?"
+    stats = OofStats.concat(parts)
+    if len({p.bins for p in parts}) != 1 or len(np.unique(stats.pixels)) != 1:
+        raise TfpneumoError(f"{runs.run_root(experiment, workdir)}: the folds' OOF statistics mix "
+                            f"image sizes or bins (pixels {sorted(set(stats.pixels.tolist()))}); "
+                            "evaluate folds trained on the same cache")
+    return stats, models
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def counts_above(hist: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Pixels in bins >= each edge: hist (N, bins) int, edges (K,) in [0, bins] -> (N, K) int64."""
+    tail = np.cumsum(hist[:, ::-1], axis=1, dtype=np.int64)[:, ::-1]
+    tail = np.concatenate([tail, np.zeros((len(hist), 1), np.int64)], axis=1)
+    return tail[:, edges]
+
+
+def dice(pred_area: np.ndarray, inter: np.ndarray, truth_area: np.ndarray) -> np.ndarray:
+    """Competition Dice from areas (any matching shapes): 1 when both are empty. float64."""
+    denom = pred_area + truth_area
+    return np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
+
+
+def dice_from_histograms(stats: dict[str, np.ndarray], threshold: float,
+                         label_threshold: float | None = None) -> float:
+    """Mean per-image Dice of the mask ``prob > threshold`` from the OOF histograms.
+
+    With ``label_threshold``, images whose ``label_prob`` is not above it are predicted empty.
+    Exact for thresholds on the bin edges (multiples of 1/256); 1.0 for an image where both
+    prediction and truth are empty, as in the competition metric.
+    """
+    hist_all, hist_true = stats["hist_all"], stats["hist_true"]
+    truth_area = hist_true.sum(axis=1)
+    if label_threshold is not None:
+        keep = (stats["label_prob"] > label_threshold)[:, None]
+        hist_all, hist_true = hist_all * keep, hist_true * keep
+    first = int(np.ceil(threshold * hist_all.shape[1] - 1e-9))
+    pred = hist_all[:, first:].sum(axis=1)
+    inter = hist_true[:, first:].sum(axis=1)
+    denom = pred + truth_area
+    dice = np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
+    return float(dice.mean())
+
+
