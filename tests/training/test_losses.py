@@ -1,4 +1,5 @@
-"""Losses: hand-worked values, independent numpy references, precision, graph/XLA, serialization."""
+"""Losses: hand-worked values, independent numpy references, precision, graph/XLA, composition,
+serialization."""
 
 from __future__ import annotations
 
@@ -117,6 +118,12 @@ def random_batch(seed=0, batch=4, size=16):
     return t, p
 
 
+def mask_loss(kind: str, **loss_config) -> keras.losses.Loss:
+    """The training mask loss of ``LossConfig(mask=kind, **loss_config)``, as build_losses makes it."""
+    losses, _ = L.build_losses(LossConfig(mask=kind, **loss_config))
+    return losses["mask"]
+
+
 # ----------------------------------------------------------------------------- hand-worked values
 T1 = as4d([1, 0, 0, 0])
 P1 = as4d([0.8, 0.2, 0.1, 0.3])
@@ -127,53 +134,57 @@ FOCAL1 = (0.25 * 0.2 ** 2 * -math.log(0.8) + 0.75 * 0.2 ** 2 * -math.log(0.8)
 
 
 def test_hand_worked_values():
-    assert f(L.bce(T1, P1)) == pytest.approx(BCE1, rel=1e-6)
-    assert f(L.dice_loss(T1, P1)) == pytest.approx(0.8 / 3.4, rel=1e-6)
-    assert f(L.log_dice_loss(T1, P1, gamma=0.3)) == pytest.approx(math.log(3.4 / 2.6) ** 0.3,
-                                                                  rel=1e-6)
-    assert f(L.focal_loss(T1, P1, gamma=2.0, alpha=0.25)) == pytest.approx(FOCAL1, rel=1e-6)
+    assert f(L.BCELoss()(T1, P1)) == pytest.approx(BCE1, rel=1e-6)
+    assert f(L.DiceLoss()(T1, P1)) == pytest.approx(0.8 / 3.4, rel=1e-6)
+    assert f(L.LogDiceLoss(gamma=0.3)(T1, P1)) == pytest.approx(math.log(3.4 / 2.6) ** 0.3,
+                                                                rel=1e-6)
+    assert f(L.FocalLoss(gamma=2.0, alpha=0.25)(T1, P1)) == pytest.approx(FOCAL1, rel=1e-6)
     # OHEM with ratio 0.5 keeps the 2 hardest of 4 pixels: -log 0.7 and -log 0.8.
-    assert f(L.ohem_bce(T1, P1, ratio=0.5)) == pytest.approx(
+    assert f(L.OHEMBCELoss(ratio=0.5)(T1, P1)) == pytest.approx(
         -(math.log(0.7) + math.log(0.8)) / 2, rel=1e-6)
-    assert f(L.combo_loss(T1, P1)) == pytest.approx(3 * BCE1 + DICE1 + 4 * FOCAL1, rel=1e-6)
+    combo = 3 * L.BCELoss() + L.DiceLoss() + 4 * L.FocalLoss()
+    assert f(combo(T1, P1)) == pytest.approx(3 * BCE1 + DICE1 + 4 * FOCAL1, rel=1e-6)
+
+
+LOVASZ_LOGITS = L.LovaszHingeLoss(from_logits=True)
 
 
 def test_lovasz_hand_worked():
     # errors = 1 - z*sign = [-1, 0.5, 1.5, -2]; sorted truths [0, 0, 1, 0];
     # jaccard [1/2, 2/3, 1, 1] -> grad [1/2, 1/6, 1/3, 0]; loss = 1.5/2 + 0.5/6 = 5/6.
-    assert f(L.lovasz_hinge(T1, as4d([2.0, -0.5, 0.5, -3.0]))) == pytest.approx(5 / 6, rel=1e-6)
+    assert f(LOVASZ_LOGITS(T1, as4d([2.0, -0.5, 0.5, -3.0]))) == pytest.approx(5 / 6, rel=1e-6)
     # Empty truth: jaccard is 1 from the first sorted pixel on -> relu(1 + max logit).
     empty = np.zeros_like(T1)
-    assert f(L.lovasz_hinge(empty, as4d([-2.0, -1.0, 0.5, -3.0]))) == pytest.approx(1.5)
-    assert f(L.lovasz_hinge(empty, as4d([-2.0, -1.5, -1.0, -3.0]))) == 0.0
+    assert f(LOVASZ_LOGITS(empty, as4d([-2.0, -1.0, 0.5, -3.0]))) == pytest.approx(1.5)
+    assert f(LOVASZ_LOGITS(empty, as4d([-2.0, -1.5, -1.0, -3.0]))) == 0.0
     # Mean over images.
-    both = L.lovasz_hinge(np.concatenate([T1, empty]),
-                          np.concatenate([as4d([2.0, -0.5, 0.5, -3.0]),
-                                          as4d([-2.0, -1.0, 0.5, -3.0])]))
+    both = LOVASZ_LOGITS(np.concatenate([T1, empty]),
+                         np.concatenate([as4d([2.0, -0.5, 0.5, -3.0]),
+                                         as4d([-2.0, -1.0, 0.5, -3.0])]))
     assert f(both) == pytest.approx((5 / 6 + 1.5) / 2, rel=1e-6)
 
 
 def test_perfect_prediction():
     t = as4d([1, 1, 0, 0])
-    assert f(L.dice_loss(t, t)) == 0.0
-    assert f(L.log_dice_loss(t, t)) == 0.0
-    assert f(L.lovasz_hinge(t, 3.0 * (2 * t - 1))) == 0.0
-    assert f(L.lovasz_hinge(t, 1.0 * (2 * t - 1))) == 0.0  # |logit| = 1 is the hinge's edge
-    for fn in (L.bce, L.focal_loss, L.ohem_bce):
+    assert f(L.DiceLoss()(t, t)) == 0.0
+    assert f(L.LogDiceLoss()(t, t)) == 0.0
+    assert f(LOVASZ_LOGITS(t, 3.0 * (2 * t - 1))) == 0.0
+    assert f(LOVASZ_LOGITS(t, 1.0 * (2 * t - 1))) == 0.0  # |logit| = 1 is the hinge's edge
+    for fn in (L.BCELoss(), L.FocalLoss(), L.OHEMBCELoss()):
         assert f(fn(t, t)) == pytest.approx(0.0, abs=2e-7)
     # log-dice at dice == 1: zero gradient rather than the inf of x^0.3 at 0.
     p = tf.Variable(t)
     with tf.GradientTape() as tape:
-        loss = L.log_dice_loss(t, p)
+        loss = L.LogDiceLoss()(t, p)
     assert np.all(np.isfinite(tape.gradient(loss, p).numpy()))
 
 
 def test_disjoint_prediction():
     t, p = as4d([1, 1, 0, 0]), as4d([0, 0, 1, 1])
-    assert f(L.dice_loss(t, p)) == pytest.approx(1 - 1 / 5, rel=1e-6)
-    assert f(L.log_dice_loss(t, p, gamma=0.3)) == pytest.approx(math.log(5) ** 0.3, rel=1e-6)
+    assert f(L.DiceLoss()(t, p)) == pytest.approx(1 - 1 / 5, rel=1e-6)
+    assert f(L.LogDiceLoss(gamma=0.3)(t, p)) == pytest.approx(math.log(5) ** 0.3, rel=1e-6)
     # All errors tie at 3 and the Jaccard loss of "everything wrong" is 1 -> 3.
-    assert f(L.lovasz_hinge(t, 2.0 * (2 * p - 1))) == pytest.approx(3.0, rel=1e-6)
+    assert f(LOVASZ_LOGITS(t, 2.0 * (2 * p - 1))) == pytest.approx(3.0, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- random vs numpy
@@ -183,18 +194,18 @@ def test_against_numpy_references(seed):
     t, p = random_batch(seed)
     z = np.random.default_rng(seed + 10).normal(0, 2, t.shape).astype(np.float32)
     tol = dict(rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(f(L.bce_per_image(t, p)), np_bce(t, p), **tol)
-    np.testing.assert_allclose(f(L.dice_loss_per_image(t, p)), np_dice_loss(t, p), **tol)
-    np.testing.assert_allclose(f(L.log_dice_loss_per_image(t, p, 0.3)), np_log_dice(t, p),
-                               **tol)
-    np.testing.assert_allclose(f(L.focal_per_image(t, p, 2.0, 0.25)), np_focal(t, p), **tol)
-    np.testing.assert_allclose(f(L.lovasz_hinge_per_image(t, z)), np_lovasz(t, z), **tol)
-    np.testing.assert_allclose(f(L.lovasz_hinge_prob_per_image(t, p)),
+    # .call() is the per-image vector (B,)
+    np.testing.assert_allclose(f(L.BCELoss().call(t, p)), np_bce(t, p), **tol)
+    np.testing.assert_allclose(f(L.DiceLoss().call(t, p)), np_dice_loss(t, p), **tol)
+    np.testing.assert_allclose(f(L.LogDiceLoss(0.3).call(t, p)), np_log_dice(t, p), **tol)
+    np.testing.assert_allclose(f(L.FocalLoss(2.0, 0.25).call(t, p)), np_focal(t, p), **tol)
+    np.testing.assert_allclose(f(LOVASZ_LOGITS.call(t, z)), np_lovasz(t, z), **tol)
+    np.testing.assert_allclose(f(L.LovaszHingeLoss().call(t, p)),
                                np_lovasz(t, np_logit(p)), **tol)
-    np.testing.assert_allclose(f(L.ohem_bce_per_image(t, p, 0.25)), np_ohem(t, p, 0.25), **tol)
-    np.testing.assert_allclose(f(L.combo_per_image(t, p, 3, 1, 4, 0.5)),
-                               np_combo(t, p, 3, 1, 4, 0.5), **tol)
-    assert f(L.lovasz_hinge(t, z)) == pytest.approx(np_lovasz(t, z).mean(), rel=1e-5)
+    np.testing.assert_allclose(f(L.OHEMBCELoss(0.25).call(t, p)), np_ohem(t, p, 0.25), **tol)
+    combo = 3 * L.BCELoss() + L.DiceLoss() + 4 * L.FocalLoss() + 0.5 * L.LovaszHingeLoss()
+    np.testing.assert_allclose(f(combo.call(t, p)), np_combo(t, p, 3, 1, 4, 0.5), **tol)
+    assert f(LOVASZ_LOGITS(t, z)) == pytest.approx(np_lovasz(t, z).mean(), rel=1e-5)
 
 
 def test_ohem_k():
@@ -213,8 +224,9 @@ def test_loss_classes_reduce_to_mean_over_images():
         (L.FocalLoss(gamma=1.5, alpha=0.4), np_focal(t, p, 1.5, 0.4)),
         (L.LovaszHingeLoss(), np_lovasz(t, np_logit(p))),
         (L.OHEMBCELoss(ratio=0.5), np_ohem(t, p, 0.5)),
-        (L.ComboLoss(1, 2, 3, 4), np_combo(t, p, 1, 2, 3, 4)),
-        (L.MaskLoss("dice", positives_only=False), np_dice_loss(t, p)),
+        (L.BCELoss() + 2 * L.DiceLoss() + 3 * L.FocalLoss() + 4 * L.LovaszHingeLoss(),
+         np_combo(t, p, 1, 2, 3, 4)),
+        (mask_loss("dice", mask_positives_only=False), np_dice_loss(t, p)),
     ]
     for loss, expected in cases:
         assert f(loss(t, p)) == pytest.approx(expected.mean(), rel=1e-5), loss.name
@@ -237,7 +249,7 @@ def test_lovasz_gradient_finite_with_ties_and_empty_images():
     t, _ = random_batch(4)
     z = tf.Variable(np.round(np.random.default_rng(4).normal(0, 1, t.shape)).astype(np.float32))
     with tf.GradientTape() as tape:
-        loss = L.lovasz_hinge(t, z)
+        loss = LOVASZ_LOGITS(t, z)
     g = tape.gradient(loss, z).numpy()
     assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
 
@@ -249,7 +261,7 @@ def test_mask_loss_gradients_finite(kind):
     p[2, :4] = 0.0
     var = tf.Variable(p)
     with tf.GradientTape() as tape:
-        loss = L.MaskLoss(kind, combo_lovasz=1.0)(t, var)
+        loss = mask_loss(kind, combo_lovasz=1.0)(t, var)
     g = tape.gradient(loss, var).numpy()
     assert np.isfinite(f(loss)) and np.all(np.isfinite(g))
 
@@ -261,9 +273,10 @@ def test_positives_only_ignores_empty_images(kind):
     t, p = random_batch(6, batch=4)
     positive = t.reshape(4, -1).max(axis=1) > 0
     assert positive.tolist() == [True, False, True, True]
-    loss = L.MaskLoss(kind, positives_only=True)
+    loss = mask_loss(kind, mask_positives_only=True)
+    assert isinstance(loss, L.PositivesOnly)
     pos_only = f(loss(t[positive], p[positive]))
-    fn = L.mask_loss_function(kind)
+    fn = loss.loss.call  # the wrapped loss, per image
     assert pos_only == pytest.approx(f(fn(t[positive], p[positive])).mean(), rel=1e-6)
     # Adding empty-truth images (anywhere in the batch) changes nothing.
     rng = np.random.default_rng(0)
@@ -285,12 +298,12 @@ def test_all_empty_batch_gives_zero():
     p = tf.Variable(np.random.default_rng(0).uniform(size=t.shape).astype(np.float32))
     for kind in L.MASK_KINDS:
         with tf.GradientTape() as tape:
-            value = L.MaskLoss(kind)(t, p)
+            value = mask_loss(kind)(t, p)
         g = tape.gradient(value, p)
         assert f(value) == 0.0
         assert g is None or np.all(g.numpy() == 0)
     # Without positives_only the same batch has a positive loss.
-    assert f(L.MaskLoss("combo", positives_only=False)(t, p)) > 0
+    assert f(mask_loss("combo", mask_positives_only=False)(t, p)) > 0
 
 
 # ----------------------------------------------------------------------------- precision
@@ -304,13 +317,13 @@ def test_half_precision_1024_maps_do_not_overflow(dtype, rtol):
     t_half = tf.cast(t, dtype)
     p_half = tf.cast(p, dtype)
     for kind in L.MASK_KINDS:
-        fn = L.mask_loss_function(kind)
+        fn = mask_loss(kind, mask_positives_only=False).call
         half = f(fn(t_half, p_half))
         full = f(fn(t, p))
         assert np.all(np.isfinite(half)), kind
         np.testing.assert_allclose(half, full, rtol=rtol, atol=1e-3, err_msg=kind)
-    value = f(L.MaskLoss("combo")(t_half, p_half))
-    assert np.isfinite(value) and value == pytest.approx(f(L.MaskLoss("combo")(t, p)), rel=rtol)
+    value = f(mask_loss("combo")(t_half, p_half))
+    assert np.isfinite(value) and value == pytest.approx(f(mask_loss("combo")(t, p)), rel=rtol)
 
 
 # ----------------------------------------------------------------------------- graph / XLA
@@ -318,11 +331,12 @@ def test_half_precision_1024_maps_do_not_overflow(dtype, rtol):
 def test_graph_xla_and_dynamic_shapes():
     t, p = random_batch(8)
     z = np_logit(p).astype(np.float32)
-    loss = L.MaskLoss("combo", combo_lovasz=1.0)
-    eager = (f(L.lovasz_hinge(t, z)), f(L.ohem_bce(t, p, 0.1)), f(loss(t, p)))
+    loss = mask_loss("combo", combo_lovasz=1.0)
+    ohem = L.OHEMBCELoss(0.1)
+    eager = (f(LOVASZ_LOGITS(t, z)), f(ohem(t, p)), f(loss(t, p)))
 
     def all_three(tt, pp, zz):
-        return L.lovasz_hinge(tt, zz), L.ohem_bce(tt, pp, 0.1), loss(tt, pp)
+        return LOVASZ_LOGITS(tt, zz), ohem(tt, pp), loss(tt, pp)
 
     xla = tf.function(all_three, jit_compile=True)(t, p, z)
     spec = tf.TensorSpec((None, None, None, 1), tf.float32)
@@ -338,21 +352,94 @@ def test_build_losses_from_config():
                      label_weight=0.25, mask_positives_only=False)
     losses, weights = L.build_losses(cfg)
     assert weights == {"mask": 2.0, "label": 0.25}
-    assert isinstance(losses["mask"], L.MaskLoss) and isinstance(losses["label"], L.BCELoss)
+    assert isinstance(losses["mask"], L.FocalLoss) and isinstance(losses["label"], L.BCELoss)
     t, p = random_batch(9)
     assert f(losses["mask"](t, p)) == pytest.approx(np_focal(t, p, 1.0, 0.5).mean(), rel=1e-5)
-    default_mask, _ = L.build_losses(LossConfig())
-    assert default_mask["mask"].get_config()["kind"] == "combo"
-    assert default_mask["mask"].positives_only is True
+    # The default: the 1st place combo, spelled as the recipe, on positive images only.
+    default, _ = L.build_losses(LossConfig())
+    assert isinstance(default["mask"], L.PositivesOnly)
+    recipe = 3 * L.BCELoss() + L.DiceLoss() + 4 * L.FocalLoss()
+    assert default["mask"].loss.get_config() == recipe.get_config()
+    # Zero-weight terms are left out (not computed at weight 0).
+    lovasz_only, _ = L.build_losses(LossConfig(combo_bce=0, combo_dice=0, combo_focal=0,
+                                               combo_lovasz=2, mask_positives_only=False))
+    assert [(w, type(loss)) for w, loss in lovasz_only["mask"].terms] == [
+        (2.0, L.LovaszHingeLoss)]
+    for kind in L.MASK_KINDS:  # every kind the config accepts is built
+        assert isinstance(mask_loss(kind, mask_positives_only=False), keras.losses.Loss)
 
 
 def test_invalid_parameters_raise():
     with pytest.raises(L.LossError, match="not one of"):
-        L.MaskLoss("jaccard")
-    with pytest.raises(L.LossError, match="weights"):
-        L.ComboLoss(0, 0, 0, 0)
+        mask_loss("jaccard")
+    with pytest.raises(L.LossError, match="every weight is 0"):
+        mask_loss("combo", combo_bce=0, combo_dice=0, combo_focal=0, combo_lovasz=0)
     with pytest.raises(L.LossError, match="ratio"):
         L.OHEMBCELoss(ratio=0.0)
+    with pytest.raises(L.LossError, match="weights"):
+        -1 * L.DiceLoss()
+    with pytest.raises(L.LossError, match="weights"):
+        math.nan * L.DiceLoss()
+    with pytest.raises(L.LossError, match="no terms"):
+        L.WeightedSum([])
+    with pytest.raises(L.LossError, match="already"):
+        L.PositivesOnly(L.BCELoss() + L.PositivesOnly(L.DiceLoss()))
+    # Keras built-ins return per-pixel values from call(): they do not compose with these.
+    with pytest.raises(TypeError):
+        L.DiceLoss() + keras.losses.BinaryCrossentropy()
+    with pytest.raises(L.LossError, match="per-image"):
+        L.PositivesOnly(keras.losses.BinaryCrossentropy())
+    with pytest.raises(TypeError):
+        "3" * L.DiceLoss()
+
+
+# ----------------------------------------------------------------------------- composition
+
+def test_composed_combo_equals_hand_weighted_sum():
+    t, p = random_batch(12)
+    bce, dice, focal = L.BCELoss(), L.DiceLoss(), L.FocalLoss()
+    combo = 3 * bce + dice + 4 * focal
+    assert isinstance(combo, L.WeightedSum)
+    assert [(w, loss) for w, loss in combo.terms] == [(3.0, bce), (1.0, dice), (4.0, focal)]
+    by_hand = 3 * f(bce.call(t, p)) + f(dice.call(t, p)) + 4 * f(focal.call(t, p))
+    np.testing.assert_allclose(f(combo.call(t, p)), by_hand, rtol=1e-6)
+    assert f(combo(t, p)) == pytest.approx(by_hand.mean(), rel=1e-6)
+    # Brackets, order of the factor, numpy weights and sum() give the same flat terms.
+    others = [3 * bce + (dice + focal * 4), bce * 3 + dice + 2 * (2 * focal),
+              np.float32(3) * bce + dice + np.float64(4) * focal, sum([3 * bce, dice, 4 * focal])]
+    for other in others:
+        assert isinstance(other, L.WeightedSum)
+        assert other.get_config() == combo.get_config()
+    # Per-image sample weights still reduce as sum(w_i l_i) / B.
+    w = np.array([0.5, 1.0, 0.0, 2.0], np.float32)
+    assert f(combo(t, p, sample_weight=w)) == pytest.approx((by_hand * w).sum() / 4, rel=1e-6)
+
+
+def test_composed_combo_serialization_and_compiled_model_round_trip(tmp_path):
+    combo = L.PositivesOnly(3 * L.BCELoss() + L.DiceLoss() + 4 * L.FocalLoss(gamma=1.5)
+                            + 0.5 * L.LovaszHingeLoss(), name="mask_loss")
+    config = combo.get_config()
+    assert L.PositivesOnly.from_config(config).get_config() == config
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(combo), safe_mode=True)
+    assert isinstance(restored, L.PositivesOnly) and restored.get_config() == config
+    assert [(w, type(loss)) for w, loss in restored.loss.terms] == [
+        (3.0, L.BCELoss), (1.0, L.DiceLoss), (4.0, L.FocalLoss), (0.5, L.LovaszHingeLoss)]
+    assert restored.loss.terms[2][1].gamma == 1.5
+    t, p = random_batch(13)
+    assert f(restored(t, p)) == pytest.approx(f(combo(t, p)), rel=1e-6)
+
+    # In a compiled model saved to .keras: the loaded model's compiled loss is the same sum.
+    model = tiny_model()
+    model.compile(optimizer="sgd", loss={"mask": combo, "label": L.BCELoss(name="label_loss")})
+    path = tmp_path / "combo.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert loaded.loss["mask"].get_config() == config
+    x, y = tiny_data()
+    before = model.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
+    after = loaded.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
+    assert after["mask_loss"] == pytest.approx(before["mask_loss"], rel=1e-6)
 
 
 ALL_LOSSES = [
@@ -362,9 +449,10 @@ ALL_LOSSES = [
     L.FocalLoss(gamma=1.0, alpha=0.6),
     L.LovaszHingeLoss(epsilon=1e-5),
     L.OHEMBCELoss(ratio=0.3),
-    L.ComboLoss(1.0, 2.0, 0.0, 1.0, focal_gamma=3.0),
-    L.MaskLoss("log_dice", positives_only=False, log_dice_gamma=0.5),
-    L.MaskLoss("combo", combo_lovasz=0.5, name="mask_loss"),
+    L.LovaszHingeLoss(from_logits=True, name="lovasz_logits"),
+    L.BCELoss() + 2.0 * L.DiceLoss() + L.LovaszHingeLoss(),
+    L.PositivesOnly(L.LogDiceLoss(gamma=0.5)),
+    mask_loss("combo", combo_lovasz=0.5),
 ]
 
 
@@ -455,7 +543,9 @@ MIRRORED_SCRIPT = textwrap.dedent("""
             model = keras.Model(inputs, {"mask": mask, "label": label})
             start = [w.copy() for w in model.get_weights()]
             model.compile(optimizer=keras.optimizers.SGD(1.0),
-                          loss={"mask": L.MaskLoss("combo", combo_lovasz=1.0),
+                          loss={"mask": L.PositivesOnly(3 * L.BCELoss() + L.DiceLoss()
+                                                        + 4 * L.FocalLoss()
+                                                        + L.LovaszHingeLoss()),
                                 "label": L.BCELoss()},
                           loss_weights={"mask": 1.0, "label": 0.5})
         model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)

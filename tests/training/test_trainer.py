@@ -4,14 +4,16 @@ resolution, resumable run state, mixed precision.
 Engine tests use :func:`tiny_net`, a functional network without BatchNormalization or dropout:
 with them a micro-batch's (or one replica's) batch statistics differ from the whole batch's, so
 accumulation and replicas could not match one device exactly. The oracle for a step is an
-independent SGD step computed here with ``tf.GradientTape`` on the pure per-image loss
-functions. Tests needing two logical CPU devices run in a subprocess, because logical devices
-must be configured before TensorFlow initialises its runtime.
+independent SGD step computed here with ``tf.GradientTape`` on the per-image losses (the loss
+classes' ``call()``), without the positives-only scaling, Trainer or compile. Tests needing
+two logical CPU devices run in a subprocess, because logical devices must be configured before
+TensorFlow initialises its runtime.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +32,7 @@ import keras  # noqa: E402
 from tfpneumo import TfpneumoError  # noqa: E402
 from tfpneumo.config import Config, LossConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from tfpneumo.training.callbacks import RunState  # noqa: E402
-from tfpneumo.training.losses import bce_per_image, build_losses, mask_loss_function  # noqa: E402
+from tfpneumo.training.losses import BCELoss, build_losses  # noqa: E402
 from tfpneumo.training.schedules import build_schedule  # noqa: E402
 from tfpneumo.training.trainer import (  # noqa: E402
     LayerwiseAdamW,
@@ -105,14 +107,12 @@ def sgd_oracle(w0: list[np.ndarray], x, y, loss_cfg: LossConfig, lr: float) -> l
     when ``loss_cfg`` is positives-only), computed without Trainer or compile."""
     net = tiny_net()
     net.set_weights(w0)
-    mask_fn = mask_loss_function(
-        loss_cfg.mask, combo_bce=loss_cfg.combo_bce, combo_dice=loss_cfg.combo_dice,
-        combo_focal=loss_cfg.combo_focal, combo_lovasz=loss_cfg.combo_lovasz,
-        focal_gamma=loss_cfg.focal_gamma, focal_alpha=loss_cfg.focal_alpha)
+    plain, _ = build_losses(dataclasses.replace(loss_cfg, mask_positives_only=False))
+    mask_fn, label_fn = plain["mask"].call, BCELoss().call  # per image (B,), unreduced
     with tf.GradientTape() as tape:
         out = net(x, training=True)
         total = (loss_cfg.mask_weight * tf.reduce_mean(mask_fn(y["mask"], out["mask"]))
-                 + loss_cfg.label_weight * tf.reduce_mean(bce_per_image(y["label"], out["label"])))
+                 + loss_cfg.label_weight * tf.reduce_mean(label_fn(y["label"], out["label"])))
     grads = tape.gradient(total, net.trainable_variables)
     return [w - lr * g.numpy() for w, g in zip(w0, grads, strict=True)]
 
@@ -184,7 +184,7 @@ def test_accumulation_with_layerwise_adamw_and_clipping():
     assert diff > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="positives-only MaskLoss normalises by the positives of "
+@pytest.mark.xfail(strict=True, reason="PositivesOnly normalises by the positives of "
                    "each micro-batch, not of the whole batch, under accumulation")
 def test_accumulation_positives_only_with_uneven_positives():
     keras.utils.set_random_seed(2)
