@@ -350,6 +350,47 @@ for name, (runtime, xs, ys) in runs.items():
     out[f"fp16_{name}"] = np.array([float(all(np.isfinite(w).all() for w in weights)),
                                     float(opt.iterations.numpy()),
                                     float(opt.dynamic_scale.numpy())])
+
+# Upstream behaviour the trainer works around (tfpneumo.compat lists them): plain Keras on the
+# same two replicas.
+def plain_keras(runtime, x, y, optimizer, precision="float32", steps=1):
+    keras.mixed_precision.set_global_policy(precision)
+    with runtime.strategy.scope():
+        net = tiny_net()
+        net.set_weights(W0)
+        net.compile(optimizer=optimizer(), loss={"mask": "binary_crossentropy",
+                                                 "label": "binary_crossentropy"},
+                    jit_compile=False)
+    try:
+        net.fit(tf.data.Dataset.from_tensors((x, y)).repeat(steps), epochs=1, verbose=0,
+                shuffle=False)
+        return net.get_weights(), None
+    except Exception as e:  # noqa: BLE001 - recorded: the bug is that it fails
+        return None, e
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def clipping_adamw():
+    return keras.optimizers.AdamW(1e-2, global_clipnorm=0.05)
+
+
+x, y = UNEVEN
+one = plain_keras(RUNTIMES["one_device"], x, y, clipping_adamw, steps=2)[0]
+two = plain_keras(RUNTIMES["mirrored"], x, y, clipping_adamw, steps=2)[0]
+out["upstream_clip_diff"] = np.array(max(float(np.max(np.abs(a - b)))
+                                         for a, b in zip(one, two, strict=True)))
+_, error = plain_keras(RUNTIMES["mirrored"], x, y,
+                       lambda: keras.optimizers.AdamW(1e-3, gradient_accumulation_steps=2),
+                       steps=2)
+out["upstream_accumulation_failed"] = np.array(error is not None)
+x, y = make_batch(4, positives=range(4), seed=2)
+y["label"][2:] = np.nan
+weights, _ = plain_keras(RUNTIMES["mirrored"], x, y,
+                         lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.AdamW()),
+                         precision="mixed_float16")
+out["upstream_loss_scale_finite"] = np.array(weights is not None
+                                             and all(np.isfinite(w).all() for w in weights))
 np.savez(sys.argv[2], **out)
 '''
 
@@ -404,6 +445,25 @@ def test_mirrored_loss_scale_skips_step_when_any_replica_is_not_finite(mirrored_
 
 
 # ----------------------------------------------------------------------------- LayerwiseAdamW
+
+def test_upstream_keras_clips_each_replica_before_the_sum(mirrored_results):
+    """Keras' global_clipnorm differs between one device and two replicas on the same batch
+    (it clips each replica's part). When this fails, LayerwiseAdamW's _clip_gradients /
+    _backend_update_step overrides (tfpneumo.compat.OPTIMIZER_PRIVATE_METHODS) can go."""
+    assert float(mirrored_results["upstream_clip_diff"]) > 1e-4
+
+
+def test_upstream_keras_gradient_accumulation_fails_under_mirrored(mirrored_results):
+    """When this fails, Keras' gradient_accumulation_steps could replace the accumulation
+    inside Trainer.train_step."""
+    assert bool(mirrored_results["upstream_accumulation_failed"])
+
+
+def test_upstream_loss_scale_lets_another_replicas_nan_through(mirrored_results):
+    """LossScaleOptimizer checks the first replica's gradients only: the second replica's NaN
+    reaches the weights. When this fails, Trainer._agree_on_finite can go."""
+    assert not bool(mirrored_results["upstream_loss_scale_finite"])
+
 
 def test_layerwise_adamw_encoder_updates_scale_with_mult():
     """Real UNet: with weight decay 0, one Adam step on the encoder variables (found by

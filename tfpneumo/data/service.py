@@ -142,14 +142,15 @@ def start_local_service(n_workers: int, augments=(), timeout: float = 60.0
             proc.start()
             handles.workers.append(proc)
         deadline = time.monotonic() + timeout
-        # _num_workers is private but the only way to know the workers are there; without the
-        # wait, a job started early runs on the first worker alone.
-        while dispatcher._num_workers() < n_workers:
+        from tfpneumo import compat
+
+        # Without the wait, a job started early runs on the first worker alone.
+        while compat.service_worker_count(dispatcher) < n_workers:
             dead = [p.pid for p in handles.workers if not p.is_alive()]
             if dead:
                 raise ServiceError(f"tf.data service worker process(es) {dead} exited at start")
             if time.monotonic() > deadline:
-                raise ServiceError(f"only {dispatcher._num_workers()} of {n_workers} tf.data "
+                raise ServiceError(f"only {compat.service_worker_count(dispatcher)} of {n_workers} tf.data "
                                    f"service workers registered within {timeout:g} s")
             time.sleep(0.1)
     except BaseException:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfpneumo import runs
+from tfpneumo import compat, runs
 from tfpneumo.config import Config, dump_config, read_yaml, to_dict
 from tfpneumo.data.manifest import read_cache_info
 from tfpneumo.errors import TfpneumoError
@@ -74,12 +74,7 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
     dump_config(cfg, run_dir / runs.CONFIG)
     runtime = resolve_runtime(cfg.train)
     if runtime.strategy_name == "multi_worker":
-        # Keras 3.15's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585,
-        # #20329); the strategy and our train step work (tests/test_scaleout.py runs them with
-        # a custom loop), fit does not yet.
-        raise TfpneumoError("train.strategy multi_worker: Keras 3.15 model.fit does not run under "
-                            "MultiWorkerMirroredStrategy (keras-team/keras#20585); train on one "
-                            "machine (mirrored over its GPUs) for now")
+        raise TfpneumoError(compat.MULTI_WORKER_FIT)
     print(f"fold {fold}: {runtime.describe()}", file=sys.stderr)
     stages = cfg.stage_configs()
     previous: Path | None = None

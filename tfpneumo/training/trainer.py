@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from tfpneumo import compat
 from tfpneumo.config import Config, TrainConfig
 from tfpneumo.errors import TfpneumoError
 
@@ -143,7 +144,7 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
                 value = variable.value if isinstance(variable, keras.Variable) else variable
                 distribution.extended.update(value, decay, args=(mult,), group=False)
 
-        tf.__internal__.distribute.interim.maybe_merge_call(
+        compat.merge_call(
             cross_replica, self._distribution_strategy, variables)
 
     def _clip_gradients(self, grads):
@@ -157,7 +158,7 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
         pairs = self._all_reduce_sum_gradients(list(zip(grads, variables, strict=True)))
         clipped = super()._clip_gradients([g for g, _ in pairs])
-        tf.__internal__.distribute.interim.maybe_merge_call(
+        compat.merge_call(
             self._distributed_tf_update_step, self._distribution_strategy,
             list(zip(clipped, [v for _, v in pairs], strict=True)), learning_rate)
 
@@ -293,7 +294,5 @@ class Trainer(keras.Model):
         return [g + poison if i == first else g for i, g in enumerate(grads)]
 
     def _update_trackers(self, loss, x):
-        from keras.src.losses import loss as loss_module
-
         self._loss_tracker.update_state(
-            loss_module.unscale_loss_for_distribution(loss), sample_weight=tf.shape(x)[0])
+            compat.unscale_loss_for_distribution(loss), sample_weight=tf.shape(x)[0])

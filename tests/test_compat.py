@@ -1,0 +1,79 @@
+"""Upstream behaviour that tfpneumo.compat works around or relies on.
+
+Each test fails once upstream changes: a bug test fails when the bug is fixed (then remove
+the workaround named in its message); a private-API test fails when the API is gone.
+The two-replica cases are ``test_upstream_*`` in tests/training/test_trainer.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
+
+
+def test_upstream_bilinear_upsampling_still_fails_on_symbolic_sizes(tf):
+    """keras-team/keras PR #22079. When this fails, use keras.layers.UpSampling2D(2,
+    interpolation="bilinear") in models/unet.py and drop compat.BilinearUpSampling2D (keep it
+    registered for old .keras files)."""
+    import keras
+
+    layer = keras.layers.UpSampling2D(2, interpolation="bilinear")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def upsample(x):
+        return layer(x)
+
+    with pytest.raises(Exception):  # noqa: B017 - any error: the bug is that it cannot trace
+        upsample(tf.zeros([1, 4, 4, 3]))
+
+
+def test_bilinear_upsampling_matches_keras_on_known_sizes(tf):
+    """The workaround computes what Keras computes where Keras works."""
+    import keras
+
+    from tfpneumo.compat import BilinearUpSampling2D
+
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    ours = BilinearUpSampling2D(2)(x)
+    theirs = keras.layers.UpSampling2D(2, interpolation="bilinear")(x)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)
+
+
+def test_private_apis_are_still_there(tf):
+    import keras
+    import segmentation_models as sm
+
+    from tfpneumo import compat
+
+    for name in compat.OPTIMIZER_PRIVATE_METHODS:
+        assert callable(getattr(keras.optimizers.Optimizer, name, None)) or callable(
+            getattr(keras.optimizers.AdamW, name, None)), name
+    assert callable(tf.__internal__.distribute.interim.maybe_merge_call)
+    assert float(compat.unscale_loss_for_distribution(tf.constant(2.0))) == 2.0  # no strategy
+    assert compat.keras_home().name  # a folder, ~/.keras unless KERAS_HOME says otherwise
+    assert set(compat.sm_keras_modules(sm)) == {"backend", "layers", "models", "utils"}
+
+
+def test_register_py_func_makes_a_stable_token_callable(tf):
+    from tfpneumo import compat
+
+    def double(x):
+        return 2 * x
+
+    compat.register_py_func("tfpneumo_test_double", double)
+    out = tf.raw_ops.PyFuncStateless(input=[tf.constant([1, 2])], token="tfpneumo_test_double",
+                                     Tout=[tf.int32])
+    assert out[0].numpy().tolist() == [2, 4]
+
+
+def test_service_worker_count_of_a_dispatcher(tf):
+    from tfpneumo import compat
+
+    dispatcher = tf.data.experimental.service.DispatchServer(
+        tf.data.experimental.service.DispatcherConfig(port=0))
+    try:
+        assert compat.service_worker_count(dispatcher) == 0
+    finally:
+        dispatcher._stop()
