@@ -14,6 +14,7 @@ import numpy as np
 import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
 from tfpneumo.config import Config, ModelConfig, load_config, replace
 from tfpneumo.data import records
+from tfpneumo.data.manifest import write_manifest
 
 PRED_SIZE = 128  # small prediction size keeps the tests fast; masks are still 1024x1024
 
@@ -68,6 +69,7 @@ def write_shards(cache: Path, groups: dict[tuple[int, bool], int], shard_size: i
         for k in range(0, n, shard_size):
             flush(cache / records.train_shard_name(fold, positive, k // shard_size),
                   examples[k:k + shard_size])
+    write_manifest(cache, size=SIZE, folds=1 + max((f for f, _ in groups), default=0), clahe=False)
     if n_test:
         examples = []
         for _ in range(n_test):

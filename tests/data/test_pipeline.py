@@ -11,6 +11,7 @@ import pytest
 from factories import COUNTS, N_TEST, OFF, SIZE, cfg_with, decode_index, make_image, write_shards  # noqa: F401
 
 from tfpneumo.data import records
+from tfpneumo.errors import TfpneumoError
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +199,7 @@ def test_bad_requests_raise(P, cache, tmp_path):
     cfg = cfg_with()
     with pytest.raises(P.PipelineError, match="fold 5"):
         P.train_dataset(folder, 5, cfg, epochs=1)
-    with pytest.raises(P.PipelineError, match="no complete training shards"):
+    with pytest.raises(TfpneumoError, match="no prepared cache here"):
         P.train_dataset(tmp_path, 0, cfg, epochs=1)
     with pytest.raises(P.PipelineError, match="split"):
         P.eval_dataset(folder, 0, cfg, split="train")

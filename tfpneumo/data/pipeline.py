@@ -25,6 +25,7 @@ import numpy as np
 from tfpneumo.config import Config
 from tfpneumo.data import records
 from tfpneumo.data.augment import augment_batch_uint8, finish_batch, normalize
+from tfpneumo.data.manifest import read_cache_info
 from tfpneumo.errors import TfpneumoError
 
 __all__ = ["PipelineError", "count_images", "eval_dataset", "normalize", "positive_rate",
@@ -79,27 +80,6 @@ def count_images(cache: str | Path, split: str = "train", folds: set[int] | None
 def _check_split(split: str, allowed: tuple[str, ...]) -> None:
     if split not in allowed:
         raise PipelineError(f"split {split!r}: expected one of {list(allowed)}")
-
-
-def _train_folds(cache: Path) -> list[int]:
-    folds = set()
-    for shard in records.list_shards(cache, "train"):
-        m = records.SHARD_RE.match(Path(shard).name)
-        folds.add(int(m.group("fold")))
-    return sorted(folds)
-
-
-def _cached_size(shard: str) -> int:
-    """Side C of the cached images, read from the first record of ``shard``."""
-    tf = _tf()
-    spec = {k: v for k, v in records.feature_spec().items() if k in ("height", "width")}
-    for raw in tf.data.TFRecordDataset(shard).take(1):
-        ex = tf.io.parse_single_example(raw, spec)
-        height, width = int(ex["height"]), int(ex["width"])
-        if height != width:
-            raise PipelineError(f"{shard}: cached images must be square, got {height}x{width}")
-        return height
-    raise PipelineError(f"{shard}: shard has no records")
 
 
 def _parse_train(size: int):
@@ -221,9 +201,8 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
         raise PipelineError(f"global_batch_size {batch}: must be >= 1")
     if epochs < 1:
         raise PipelineError(f"epochs {epochs}: must be >= 1")
-    folds = _train_folds(cache)
-    if not folds:
-        raise PipelineError(f"{cache}: no complete training shards (train-f*-*.tfrecord + .json)")
+    info = read_cache_info(cache)
+    folds = list(range(info.folds))
     if fold != -1 and fold not in folds:
         raise PipelineError(f"{cache}: fold {fold} not in the cache's folds {folds} (or -1)")
     train_folds = {f for f in folds if f != fold}
@@ -239,7 +218,7 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
         raise PipelineError(f"{cache}: training shards of folds {sorted(train_folds)} are empty")
     if steps_per_epoch is None:
         steps_per_epoch = max(1, n_images // batch)
-    size = _cached_size((pos if n_pos else neg)[0])
+    size = info.size
 
     budget = data.memory_budget_gb * 1e9
     # Not under a tf.data service: its workers each read only the record files handed to them,
@@ -351,7 +330,7 @@ def eval_dataset(cache: str | Path, fold: int, cfg: Config, *,
         what = "the test split"
     if not files:
         raise PipelineError(f"{cache}: no complete shards for {what}")
-    size = _cached_size(files[0])
+    size = read_cache_info(cache).size
     batch = int(batch_size or cfg.data.batch_size)
 
     def parse(serialized):
