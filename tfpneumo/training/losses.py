@@ -22,9 +22,11 @@ mixed precision the model's predictions may be float16/bfloat16, and a float16 s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -397,6 +399,24 @@ def _has_positives_only(loss: _PerImageLoss) -> bool:
     return isinstance(loss, PositivesOnly)
 
 
+# (positive images of the whole local batch, micro-batches) while Trainer.train_step computes
+# the loss of one micro-batch of an accumulated step; None otherwise. A context variable:
+# under MirroredStrategy each replica traces its step in a thread of its own.
+_WHOLE_BATCH: contextvars.ContextVar = contextvars.ContextVar("tfpneumo_whole_batch", default=None)
+
+
+@contextlib.contextmanager
+def accumulating(y_true_mask: Any, micro_batches: int) -> Iterator[None]:
+    """While active, :class:`PositivesOnly` normalises each micro-batch's loss by the positive
+    images of the whole batch ``y_true_mask`` (B, ...) (over all replicas), scaled so that the
+    mean of the ``micro_batches`` micro-batch gradients equals the whole batch's gradient."""
+    token = _WHOLE_BATCH.set((ops.sum(_positive_images(y_true_mask)), micro_batches))
+    try:
+        yield
+    finally:
+        _WHOLE_BATCH.reset(token)
+
+
 @keras.saving.register_keras_serializable(package="tfpneumo")
 class PositivesOnly(_PerImageLoss):
     """``loss`` averaged over the images whose truth mask is non-empty.
@@ -408,7 +428,9 @@ class PositivesOnly(_PerImageLoss):
     default reduction divides by ``B_local`` and by ``R`` (see :class:`_PerImageLoss`), so
     after the gradient all-reduce the loss is ``sum over positives / P_global`` over the
     global batch. Sample weights multiply the per-image terms; the divisor stays the
-    positive count. Because of that scaling, ``reduction=None`` does not give raw per-image
+    positive count. Under gradient accumulation (:func:`accumulating`) ``P_global`` is the
+    whole batch's, so an accumulated step equals the step on the whole batch. Because of that
+    scaling, ``reduction=None`` does not give raw per-image
     losses: ``.loss.call()`` does. For the same reason ``loss`` may not contain another
     :class:`PositivesOnly` (its terms would be scaled twice).
     """
@@ -425,8 +447,15 @@ class PositivesOnly(_PerImageLoss):
         losses = self.loss.call(y_true, y_pred)
         positive = _positive_images(y_true)
         local_batch = ops.cast(ops.shape(losses)[0], "float32")
-        num_positive, replicas = _global_sum(ops.sum(positive))
-        scale = ops.stop_gradient(local_batch * replicas / ops.maximum(num_positive, 1.0))
+        whole = _WHOLE_BATCH.get()
+        if whole is None:
+            num_positive, replicas = _global_sum(ops.sum(positive))
+            micro_batches = 1.0
+        else:  # a micro-batch of an accumulated step: divide by the whole batch's positives
+            num_positive, replicas = _global_sum(whole[0])
+            micro_batches = float(whole[1])
+        scale = ops.stop_gradient(local_batch * replicas * micro_batches
+                                  / ops.maximum(num_positive, 1.0))
         # where, not a product: an empty image's term must be 0 even if its loss were inf.
         return ops.where(positive > 0, losses * scale, ops.zeros_like(losses))
 

@@ -254,12 +254,14 @@ class Trainer(keras.Model):
             self.optimizer.apply(self._agree_on_finite(grads), variables)
             return self.compute_metrics(x, y, y_pred)
 
+        from tfpneumo.training.losses import accumulating
+
         xs = tf.split(x, n, axis=0)
         ys = {k: tf.split(v, n, axis=0) for k, v in y.items()}
         total = None
         for i in range(n):  # n is small and static: unrolled, chained so only one is live
             deps = [] if total is None else [g for g in total if g is not None]
-            with tf.control_dependencies(deps):
+            with tf.control_dependencies(deps), accumulating(y["mask"], n):
                 y_i = {k: v[i] for k, v in ys.items()}
                 loss, y_pred, grads = self._forward_backward(xs[i], y_i, variables)
             self._update_trackers(loss, xs[i])
