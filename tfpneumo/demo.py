@@ -43,13 +43,13 @@ def run_demo(workdir: Path) -> dict:
     print(prepare_cache(data, cache, replace(cfg, prepare={"size": CACHE_SIZE})))
     print(f"   {time.time() - t:.0f} s")
 
-    from tfpneumo.evaluation.search import evaluate
+    from tfpneumo.evaluation.report import evaluate
     from tfpneumo.inference.pictures import predict
     from tfpneumo.inference.submission import submit
     from tfpneumo.training.run import train
 
     t = _step("train: configs/demo.yaml, fold 0")
-    print(train(cfg, "0", workdir))
+    print(train(cfg, [0], workdir))
     print(f"   {time.time() - t:.0f} s")
 
     t = _step("evaluate: threshold search on the out-of-fold predictions")
