@@ -89,8 +89,8 @@ def cfg_with(**data) -> Config:
 
 
 def decode_index(images: np.ndarray) -> np.ndarray:
-    """Index written in row 0 of each un-augmented normalised image."""
-    grey = np.rint((images[:, 0, :2, 0] * 0.229 + 0.485) * 255.0).astype(int)
+    """Index written in row 0 of each un-augmented image (grey pixels)."""
+    grey = np.rint(np.asarray(images, np.float64)[:, 0, :2, 0]).astype(int)
     return grey[:, 0] * 256 + grey[:, 1]
 
 

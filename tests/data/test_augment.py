@@ -31,26 +31,28 @@ def _noise(rng, n, size):
 
 
 def _denorm(x):
-    """Normalised channel 0 back to [0, 1] grey."""
-    return x[..., 0] * 0.229 + 0.485
+    """Grey pixels 0..255 of channel 0 to [0, 1]."""
+    return x[..., 0] / 255.0
 
 
-def test_normalize_hand_values(A):
-    x = np.full((1, 2, 2, 1), 128, np.uint8)
-    out = A.normalize(x).numpy()
-    assert out.shape == (1, 2, 2, 3) and out.dtype == np.float32
-    # 128/255 = 0.501961; (0.501961 - 0.485)/0.229, (.. - 0.456)/0.224, (.. - 0.406)/0.225
-    np.testing.assert_allclose(out[0, 0, 0], [0.074065, 0.205183, 0.426493], atol=1e-5)
-    np.testing.assert_allclose(A.normalize(np.zeros((1, 1, 1), np.uint8)).numpy()[0, 0],
-                               [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225], atol=1e-6)
+def test_grey_level_table_hand_values(A, tf):
+    """255 * clip(v/255 * alpha + beta, 0, 1) ** gamma, worked by hand; identity draws give v."""
+    c = lambda *v: tf.constant(v, tf.float32)  # noqa: E731
+    lut = A.color_lut({"alpha": c(1.2, 1.0, 1.0, 1.0), "beta": c(0.1, 0.0, 0.0, 0.5),
+                       "gamma": c(1.0, 2.0, 1.0, 1.0)}).numpy()
+    assert lut.shape == (4, 256) and lut.dtype == np.float32
+    # 128/255 * 1.2 + 0.1 = 0.702353 -> 179.1; (51/255)^2 * 255 = 10.2; 200/255 + 0.5 clips to 1
+    np.testing.assert_allclose([lut[0, 128], lut[1, 51], lut[3, 200], lut[3, 0]],
+                               [179.1, 10.2, 255.0, 127.5], rtol=1e-5)
+    np.testing.assert_array_equal(lut[2], np.arange(256, dtype=np.float32))
 
 
 def test_identity_is_exact(A, tf):
     rng = np.random.default_rng(0)
     img, msk = _noise(rng, 3, 64), (rng.random((3, 64, 64, 1)) > 0.5).astype(np.uint8)
     out, out_mask = _run(A, tf, img, msk, [1, 2], OFF, 64)
-    assert out.shape == (3, 64, 64, 3) and out.dtype == np.float32
-    np.testing.assert_array_equal(out, A.normalize(img).numpy())
+    assert out.shape == (3, 64, 64, 1) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, img.astype(np.float32))
     np.testing.assert_array_equal(out_mask, msk.astype(np.float32))
 
 
@@ -71,7 +73,7 @@ def test_hflip_equals_fliplr(A, tf):
     aug = AugmentConfig(hflip=1.0, color_p=0.0, affine_p=0.0)
     out, out_mask = _run(A, tf, img, msk, [3, 4], aug, 64)
     flipped = np.stack([np.fliplr(im) for im in img])
-    np.testing.assert_array_equal(out, A.normalize(flipped).numpy())
+    np.testing.assert_array_equal(out, flipped.astype(np.float32))
     np.testing.assert_array_equal(out_mask[..., 0], np.stack([np.fliplr(m[..., 0]) for m in msk]))
 
 
@@ -209,7 +211,7 @@ def test_heavy_albumentations_path(A, tf):
     aug = AugmentConfig(hflip=0.0, color_p=0.0, affine_p=0.0, elastic_p=1.0, clahe_p=1.0)
     assert aug.heavy
     out, out_mask = _run(A, tf, img, msk, [2, 3], aug, 64)
-    assert out.shape == (3, 64, 64, 3) and out.dtype == np.float32
+    assert out.shape == (3, 64, 64, 1) and out.dtype == np.float32
     assert out_mask.shape == (3, 64, 64, 1) and set(np.unique(out_mask)) <= {0.0, 1.0}
     assert out_mask.sum() > 0
     plain, plain_mask = _run(A, tf, img, msk, [2, 3], OFF, 64)

@@ -25,11 +25,11 @@ def net(tf):
 
 
 def _toy(keras, bias: float):
-    """A pointwise model with the UNet's outputs: mask = sigmoid(sum(x) / 3 + bias) per pixel,
+    """A pointwise model with the UNet's outputs: mask = sigmoid(x + bias) per pixel,
     label = its mean. Pointwise, so every scale and flip of a constant image agrees."""
-    image = keras.Input((None, None, 3))
+    image = keras.Input((None, None, 1))
     logits = keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="zeros")(image)
-    logits = keras.layers.Rescaling(1 / 3, offset=bias)(logits)
+    logits = keras.layers.Rescaling(1.0, offset=bias)(logits)
     mask = keras.layers.Activation("sigmoid", name="mask")(logits)
     label = keras.layers.GlobalAveragePooling2D(name="label")(mask)
     return keras.Model(image, {"mask": mask, "label": label})
@@ -122,7 +122,7 @@ def test_scaled_size_is_a_multiple_of_32():
 
 
 def test_hflip_tta_equals_the_manual_average(net):
-    x = np.random.default_rng(1).normal(size=(2, 64, 96, 3)).astype(np.float32)
+    x = np.random.default_rng(1).uniform(0, 255, size=(2, 64, 96, 1)).astype(np.float32)
     plain = net(x, training=False)
     mirrored = net(x[:, :, ::-1].copy(), training=False)
     expected_mask = 0.5 * (plain["mask"].numpy() + mirrored["mask"].numpy()[:, :, ::-1])
@@ -136,7 +136,7 @@ def test_hflip_tta_equals_the_manual_average(net):
 
 
 def test_multiscale_tta_shapes(net):
-    x = np.random.default_rng(2).normal(size=(3, 64, 96, 3)).astype(np.float32)
+    x = np.random.default_rng(2).uniform(0, 255, size=(3, 64, 96, 1)).astype(np.float32)
     mask, label = predict_tta(net, x, hflip=True, scales=(1.0, 0.75, 1.25))
     assert mask.shape == (3, 64, 96, 1) and label.shape == (3,)
     assert 0.0 <= float(np.min(mask)) and float(np.max(mask)) <= 1.0
@@ -152,7 +152,7 @@ def test_multiscale_and_ensemble_on_pointwise_models(tf):
 
     # a constant image through a pointwise model: sigmoid(c + bias) at every scale and flip
     c = 0.25
-    x = np.full((2, 64, 64, 3), c, np.float32)
+    x = np.full((2, 64, 64, 1), c, np.float32)
     a, b = _toy(keras, 0.0), _toy(keras, -1.0)
     mask, label = ensemble_predictor([a, b], scales=(1.0, 0.5, 1.5))(x)
 

@@ -26,8 +26,6 @@ from tfpneumo.grammar import parse_folds, parse_scales
 from tfpneumo.inference.submission import SubmitError, read_sample_ids, submit
 from tfpneumo.runs import ensemble_files
 
-MEAN = np.array((0.485, 0.456, 0.406), np.float32)
-STD = np.array((0.229, 0.224, 0.225), np.float32)
 
 
 # ----------------------------------------------------------------------------- shared fixtures
@@ -44,7 +42,7 @@ def sample_ids(siim_mini: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def oracle(siim_mini, tf):
     """Per test id: mask probability (256, 256) and label probability, computed by hand:
-    area resize, (x/255 - mean)/std in numpy, model on the image and on its mirror."""
+    area resize in OpenCV, the model on the grey pixels and on their mirror."""
     import cv2
     import keras
 
@@ -57,7 +55,7 @@ def oracle(siim_mini, tf):
         pixels, _ = read_dicom(siim_mini / "dicom-images-test" / f"{image_id}.dcm")
         assert pixels.shape == (1024, 1024)
         images.append(cv2.resize(pixels, (PRED_SIZE, PRED_SIZE), interpolation=cv2.INTER_AREA))
-    x = (np.stack(images).astype(np.float32)[..., None] / 255.0 - MEAN) / STD
+    x = np.stack(images).astype(np.float32)[..., None]  # the model takes grey pixels
     plain, mirrored = net(x, training=False), net(x[:, :, ::-1].copy(), training=False)
     mask = 0.5 * (plain["mask"].numpy()[..., 0] + mirrored["mask"].numpy()[:, :, ::-1, 0])
     label = 0.5 * (plain["label"].numpy()[:, 0] + mirrored["label"].numpy()[:, 0])

@@ -38,8 +38,8 @@ def unet():
 
 
 def images(b: int = 2, h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
-    """(B, H, W, 3) float32 raw pixel values in [0, 255]."""
-    return np.random.default_rng(seed).uniform(0, 255, (b, h, w, 3)).astype("float32")
+    """(B, H, W, 1) float32 grey pixels in [0, 255]: what the model takes."""
+    return np.random.default_rng(seed).uniform(0, 255, (b, h, w, 1)).astype("float32")
 
 
 def cfg(**kw) -> ModelConfig:
@@ -108,7 +108,7 @@ def test_outputs_float32_under_each_policy(keras, unet, policy):
 
 def test_outputs_and_other_input_size(model34):
     assert sorted(model34.output_names) == ["label", "mask"]
-    assert model34.input.shape[1:] == (None, None, 3)
+    assert model34.input.shape[1:] == (None, None, 1)
     out = model34.predict(images(2, 96, 128), verbose=0)  # fully convolutional
     assert out["mask"].shape == (2, 96, 128, 1) and out["mask"].dtype == np.float32
     assert out["label"].shape == (2, 1) and out["label"].dtype == np.float32
@@ -121,7 +121,7 @@ def test_several_input_sizes_and_dynamic_signature(tf, model18):
         out = model18.predict(images(1, h, w), verbose=0)
         assert out["mask"].shape == (1, h, w, 1)
     serve = tf.function(lambda x: model18(x, training=False),
-                        input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+                        input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
     out = serve(images(1, 32, 96))
     assert tuple(out["mask"].shape) == (1, 32, 96, 1)
 
@@ -148,7 +148,9 @@ def test_bilinear_upsampling_layer(tf, keras):
 
 def test_fixed_size_not_multiple_of_32_is_refused(unet):
     with pytest.raises(TfpneumoError, match="multiples of 32"):
-        unet.build_model(cfg(), input_shape=(100, 96, 3))
+        unet.build_model(cfg(), input_shape=(100, 96, 1))
+    with pytest.raises(TfpneumoError, match="grey pixels"):
+        unet.build_model(cfg(), input_shape=(64, 64, 3))
 
 
 def test_parameter_count_matches_encoder_plus_decoder(model34, unet, keras):
@@ -230,6 +232,22 @@ def test_keras_save_load_round_trip(keras, unet, model18, tmp_path):
     assert [layer.name for layer in loaded.layers] == [layer.name for layer in model18.layers]
     assert {layer.name for layer in unet.encoder_layers(loaded)} == {
         layer.name for layer in unet.encoder_layers(model18)}
+
+
+def test_model_takes_grey_pixels_and_normalises_inside(keras, unet, model18):
+    """Oracle: segmentation-models' own ResNet (built apart, same weights) on the grey image
+    repeated to RGB 0..255 gives the encoder output; uint8 input equals its float32 values."""
+    sm_backbone = unet.build_backbone("resnet18", keras.Input((None, None, 3)))
+    for layer in sm_backbone.layers:
+        if layer.weights:
+            layer.set_weights(model18.get_layer(layer.name).get_weights())
+    grey = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 1)).astype(np.uint8)
+    want = sm_backbone(np.repeat(grey, 3, axis=-1).astype("float32"), training=False)
+    got = unet.encoder_model(model18)(grey, training=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    as_float = model18(grey.astype("float32"), training=False)
+    as_uint8 = model18(grey, training=False)
+    np.testing.assert_array_equal(np.asarray(as_uint8["mask"]), np.asarray(as_float["mask"]))
 
 
 def test_freeze_encoder(keras, unet, model18):

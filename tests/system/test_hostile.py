@@ -224,15 +224,17 @@ def test_keras_file_with_lambda_is_refused(tmp_path, tf):
     payload is live, unsafe loading (keras, not the project) does run it."""
     import keras
 
-    from tfpneumo.inference.ensemble import load_network
+    from tfpneumo.models.saved import load_network
     from tfpneumo.runs import ensemble_files
 
     marker = tmp_path / "pwned"
     # The payload's path is a constant of the lambda's own code, so it survives marshalling.
     payload = eval(f"lambda x: (__import__('pathlib').Path({str(marker)!r}).touch(), x)[1]")
-    inputs = keras.Input((32, 32, 3))
+    from tfpneumo.models.layers import GreyPixels
+
+    inputs = keras.Input((32, 32, 1))  # a file of this version: it records the convention
     mask = keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask")(
-        keras.layers.Lambda(payload)(inputs))
+        keras.layers.Lambda(payload)(GreyPixels()(inputs)))
     label = keras.layers.Dense(1, activation="sigmoid", name="label")(
         keras.layers.GlobalAveragePooling2D()(mask))
     net = keras.Model(inputs, {"mask": mask, "label": label})

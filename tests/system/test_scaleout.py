@@ -128,7 +128,7 @@ def test_data_service_distributed_epoch_exactly_once(tmp_path):
     # Training stream via the service: fold 1 is validation, so only fold-0 images appear.
     assert len(res["train_ids"]) == 6 * 8
     assert {res["train_folds"][str(i)] for i in res["train_ids"]} == {0}
-    assert res["shapes"][0] == [[8, 64, 64, 3], [8, 64, 64, 1], [8, 1]]
+    assert res["shapes"][0] == [[8, 64, 64, 1], [8, 64, 64, 1], [8, 1]]
     assert len(res["exitcodes"]) == 2 and None not in res["exitcodes"]  # both processes ended
 
 
@@ -203,7 +203,7 @@ def test_heavy_augmentations_run_in_service_workers(tmp_path):
     assert res["ids"] == list(range(N_HEAVY))  # every element once, over both workers
     assert res["exact"] and res["changed"]
     assert res["binary_masks"] and res["distinct_batches"] == 4
-    assert res["shapes"] == res["plain_shapes"] == [[8, 64, 64, 3]] * 4
+    assert res["shapes"] == res["plain_shapes"] == [[8, 64, 64, 1]] * 4
 
 
 def test_input_service_specs():

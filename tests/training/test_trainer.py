@@ -54,11 +54,11 @@ TINY_UNET = ModelConfig(encoder="resnet18", encoder_weights="none",
 # (also imported by the two-device subprocess script below: no TensorFlow work at import)
 
 def tiny_net(size: int = SIZE) -> keras.Model:
-    """``image (B, S, S, 3) -> {"mask": (B, S, S, 1), "label": (B, 1)}``, float32 outputs.
+    """``image (B, S, S, 1) -> {"mask": (B, S, S, 1), "label": (B, 1)}``, float32 outputs.
 
     ``enc_conv`` plays the encoder (for the layer-wise learning rate), the rest the decoder.
     """
-    image = keras.Input((size, size, 3), name="image")
+    image = keras.Input((size, size, 1), name="image")
     h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="enc_conv")(image)
     m = keras.layers.Conv2D(1, 3, padding="same", name="dec_conv")(h)
     mask = keras.layers.Activation("sigmoid", dtype="float32", name="mask")(m)
@@ -73,9 +73,9 @@ def encoder_paths_of(net: keras.Model) -> set[str]:
 
 
 def make_batch(n: int, positives, size: int = SIZE, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """``x (n, S, S, 3)`` ~N(0, 1) and ``y``: a rectangle mask on the images ``positives``."""
+    """``x (n, S, S, 1)`` ~N(0, 1) and ``y``: a rectangle mask on the images ``positives``."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, size, size, 3)).astype(np.float32)
+    x = rng.normal(size=(n, size, size, 1)).astype(np.float32)
     mask = np.zeros((n, size, size, 1), np.float32)
     for i in positives:
         top, left = rng.integers(0, size // 2, 2)
@@ -153,7 +153,7 @@ def test_device_finished_batches_equal_float_batches(accumulation_steps):
     images = rng.integers(0, 256, (4, SIZE, SIZE, 1), dtype=np.uint8)
     _, y = make_batch(4, positives=range(4))
     luts = color_lut(sample_params(tf.constant([3, 4], tf.int64), 4, AugmentConfig(color_p=1.0))).numpy()
-    x_float = luts[np.arange(4)[:, None, None], images[..., 0]]  # (4, S, S, 3): lut[b, v]
+    x_float = luts[np.arange(4)[:, None, None, None], images]  # (4, S, S, 1): lut[b, v]
     trainer = compiled(net, keras.optimizers.SGD(0.5), PLAIN_BCE, accumulation_steps)
     x_u8 = {"image": images, "lut": luts}
     y_u8 = {"mask": y["mask"].astype(np.uint8), "label": y["label"]}

@@ -5,8 +5,8 @@ cached size ``C`` to the training size ``S``) is folded into ONE 3x3 matrix per 
 applied by a single ``ImageProjectiveTransformV3`` pass: bilinear for the image (float32,
 rounded back to uint8), nearest for the uint8 mask (so the mask stays exactly 0/1).
 Brightness, contrast and gamma are a pointwise map of the 256 grey levels, so they are
-applied, together with the ImageNet normalisation and the grey -> RGB replication, as one
-per-image lookup table ``(256, 3)``.
+applied as one per-image lookup table ``(256,)`` of grey levels. Images stay grey pixels in
+0..255 (the model normalises inside, :mod:`tfpneumo.models.layers`).
 
 All randomness is stateless and drawn from a ``(2,)`` int seed, so a seed gives the same
 augmentation on every run. The functions work on batches ``(B, C, C, 1)``; a single image is
@@ -31,9 +31,6 @@ import numpy as np
 
 from tfpneumo.config import AugmentConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 # Columns of the per-image uniform draws, see sample_params.
 _N_DRAWS = 12
 
@@ -42,19 +39,6 @@ def _tf():
     from tfpneumo.tfimport import quiet_tensorflow
 
     return quiet_tensorflow()
-
-
-def normalize(images):
-    """uint8 grey ``(..., H, W, 1)`` -> float32 ``(..., H, W, 3)`` ImageNet-normalised.
-
-    ``(x / 255 - mean) / std`` per RGB channel; the grey channel broadcasts to the three.
-    Accepts a numpy array or a tensor and returns a tensor.
-    """
-    tf = _tf()
-    x = tf.cast(images, tf.float32) / 255.0
-    mean = tf.constant(IMAGENET_MEAN, tf.float32)
-    std = tf.constant(IMAGENET_STD, tf.float32)
-    return (x - mean) / std
 
 
 def sample_params(seed, batch: int, aug: AugmentConfig) -> dict:
@@ -155,27 +139,26 @@ def warp(images, transforms, out_size: int, interpolation: str):
 
 
 def color_lut(params: dict):
-    """``(B, 256, 3)`` float32: grey level v -> normalised RGB after brightness/contrast/gamma.
+    """``(B, 256)`` float32: grey level v -> grey level in [0, 255] after brightness/contrast/gamma.
 
-    ``x = clip(v/255 * alpha + beta, 0, 1) ** gamma`` then ``(x - mean) / std``. The gamma
-    power is skipped where gamma == 1 so the identity table equals :func:`normalize` exactly.
+    ``255 * clip(v/255 * alpha + beta, 0, 1) ** gamma``. An image whose draw is the identity
+    (alpha 1, beta 0, gamma 1) gets exactly ``v``.
     """
     tf = _tf()
-    v = tf.range(256, dtype=tf.float32) / 255.0
+    v = tf.range(256, dtype=tf.float32)
     alpha = params["alpha"][:, None]
     beta = params["beta"][:, None]
     gamma = params["gamma"][:, None]
-    x = tf.clip_by_value(v[None, :] * alpha + beta, 0.0, 1.0)
-    x = tf.where(tf.equal(gamma, 1.0), x, tf.pow(x, gamma))
-    mean = tf.constant(IMAGENET_MEAN, tf.float32)
-    std = tf.constant(IMAGENET_STD, tf.float32)
-    return (x[..., None] - mean) / std
+    x = tf.clip_by_value(v[None, :] / 255.0 * alpha + beta, 0.0, 1.0)
+    x = 255.0 * tf.where(tf.equal(gamma, 1.0), x, tf.pow(x, gamma))
+    identity = (tf.equal(alpha, 1.0) & tf.equal(beta, 0.0) & tf.equal(gamma, 1.0))
+    return tf.where(identity, v[None, :], x)
 
 
 def apply_lut(images_u8, lut):
-    """uint8 ``(B, H, W, 1)`` through per-image tables ``(B, 256, 3)`` -> float32 (B, H, W, 3)."""
+    """uint8 ``(B, H, W, 1)`` through per-image tables ``(B, 256)`` -> float32 (B, H, W, 1)."""
     tf = _tf()
-    idx = tf.cast(images_u8[..., 0], tf.int32)
+    idx = tf.cast(images_u8, tf.int32)
     return tf.gather(lut, idx, batch_dims=1)
 
 
@@ -192,7 +175,7 @@ def augment_batch(images, masks, seed, aug: AugmentConfig, out_size: int,
         crop: "resize" (whole image -> S) or "random_crop" (S x S window when C > S).
 
     Returns:
-        images ``(B, S, S, 3)`` float32 ImageNet-normalised, masks ``(B, S, S, 1)`` float32 0/1.
+        images ``(B, S, S, 1)`` float32 grey levels in [0, 255], masks ``(B, S, S, 1)`` float32 0/1.
     """
     return finish_batch(*augment_batch_uint8(images, masks, seed, aug, out_size, crop))
 
@@ -201,8 +184,8 @@ def augment_batch_uint8(images, masks, seed, aug: AugmentConfig, out_size: int,
                         crop: Literal["resize", "random_crop"] = "resize"):
     """The resampling part of :func:`augment_batch`, before the grey-level lookup.
 
-    Returns ``(images (B, S, S, 1) uint8, masks (B, S, S, 1) uint8, luts (B, 256, 3) float32)``:
-    a twelfth of the bytes of the float32 RGB result, which is what a tf.data service worker
+    Returns ``(images (B, S, S, 1) uint8, masks (B, S, S, 1) uint8, luts (B, 256) float32)``:
+    a quarter of the bytes of the float32 result, which is what a tf.data service worker
     sends to the trainer; :func:`finish_batch` completes it there.
     """
     tf = _tf()
@@ -228,11 +211,11 @@ def augment_batch_uint8(images, masks, seed, aug: AugmentConfig, out_size: int,
 
 
 def finish_batch(images_u8, masks_u8, luts):
-    """uint8 output of :func:`augment_batch_uint8` -> (images float32 RGB normalised, masks
+    """uint8 output of :func:`augment_batch_uint8` -> (images float32 grey levels, masks
     float32 0/1), shapes as in :func:`augment_batch`."""
     tf = _tf()
     out = apply_lut(images_u8, luts)
-    out.set_shape(images_u8.shape[:3].concatenate([3]))
+    out.set_shape(images_u8.shape)
     return out, tf.cast(masks_u8, tf.float32)
 
 
@@ -297,13 +280,12 @@ def register_heavy(aug: AugmentConfig) -> str:
 
     ``tf.numpy_function`` would register it as ``pyfunc_<n>`` with a per-process counter, which
     another process (a tf.data service worker) cannot resolve. There is no public way to choose
-    the key, so this writes into ``script_ops._py_funcs`` (tests/test_augment.py and
-    tests/test_scaleout.py run through it).
+    the key, so this goes through :func:`tfpneumo.compat.register_py_func`.
     """
     token = heavy_token(aug)
     if token not in _HEAVY_CALLABLES:
         _tf()
-        from tensorflow.python.ops import script_ops
+        from tfpneumo.compat import register_py_func
 
         def run(images, masks, seeds):
             return heavy_numpy(images, masks, seeds, aug)
@@ -313,7 +295,7 @@ def register_heavy(aug: AugmentConfig) -> str:
         albumentations_transform(aug)
 
         _HEAVY_CALLABLES[token] = run
-        script_ops._py_funcs._funcs[token] = run
+        register_py_func(token, run)
     return token
 
 

@@ -24,12 +24,11 @@ import numpy as np
 
 from tfpneumo.config import Config
 from tfpneumo.data import records
-from tfpneumo.data.augment import augment_batch_uint8, finish_batch, normalize
+from tfpneumo.data.augment import augment_batch_uint8, finish_batch
 from tfpneumo.data.manifest import read_cache_info
 from tfpneumo.errors import TfpneumoError
 
-__all__ = ["PipelineError", "count_images", "eval_dataset", "normalize", "positive_rate",
-           "train_dataset"]
+__all__ = ["PipelineError", "count_images", "eval_dataset", "positive_rate", "train_dataset"]
 
 AUTOTUNE = -1
 
@@ -183,14 +182,15 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
             seed and start epoch; e.g. the workers of a multi-worker run) share one job and
             split it; any other stream gets a job of its own.
 
-        device_finish: leave the last step (uint8 -> float32 RGB through the per-image grey-level
+        device_finish: leave the last step (uint8 -> float32 through the per-image grey-level
             table) to the train step (:func:`tfpneumo.training.trainer.finish_on_device`), on the
             training device: elements are then ``({"image": (B, S, S, 1) uint8, "lut":
-            (B, 256, 3) float32}, {"mask": (B, S, S, 1) uint8, "label": (B, 1) float32})``.
+            (B, 256) float32}, {"mask": (B, S, S, 1) uint8, "label": (B, 1) float32})``.
 
     Returns:
         ``(dataset, steps_per_epoch)``; elements ``(images, {"mask": masks, "label": labels})``
-        with images ``(B, S, S, 3)`` float32 ImageNet-normalised, masks ``(B, S, S, 1)``
+        with images ``(B, S, S, 1)`` float32 grey levels in [0, 255] (the model normalises
+        inside), masks ``(B, S, S, 1)``
         float32 0/1, labels ``(B, 1)`` float32 (has_mask), S = ``cfg.data.image_size``.
     """
     tf = _tf()
@@ -259,7 +259,7 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
     aug_seed = int(s_aug.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
     # Workers of a tf.data service send the uint8 resampled batch and its grey-level tables;
-    # the lookup to float32 RGB (12x the bytes) happens on the reading side.
+    # the lookup to float32 (4x the bytes) happens on the reading side.
     if vectorize:
         ds = ds.batch(batch, drop_remainder=True)
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=aug_seed))
@@ -312,7 +312,7 @@ def eval_dataset(cache: str | Path, fold: int, cfg: Config, *,
 
     ``split="val"`` reads fold ``fold``'s shards (positives and negatives), ``"test"`` the
     test shards; files in sorted order, read sequentially. Elements are dicts:
-    ``image`` (B, C, C, 3) float32 normalised, ``mask`` (B, C, C, 1) float32 0/1 (zeros for
+    ``image`` (B, C, C, 1) uint8 as cached (the model takes pixels), ``mask`` (B, C, C, 1) float32 0/1 (zeros for
     test), ``label`` (B, 1) float32 has_mask (-1 for test), ``image_id`` (B,) string.
     The last batch may be smaller. Use ``ds.map(lambda d: d["image"])`` for ``predict``
     and iterate ``ds.map(lambda d: d["image_id"])`` in the same order to align ids.
@@ -340,8 +340,8 @@ def eval_dataset(cache: str | Path, fold: int, cfg: Config, *,
                 "label": tf.reshape(tf.cast(ex["has_mask"], tf.float32), [1]),
                 "image_id": ex["image_id"]}
 
-    def to_float(d):
-        return {"image": normalize(d["image"]), "mask": tf.cast(d["mask"], tf.float32),
+    def masks_to_float(d):
+        return {"image": d["image"], "mask": tf.cast(d["mask"], tf.float32),
                 "label": d["label"], "image_id": d["image_id"]}
 
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
@@ -350,7 +350,7 @@ def eval_dataset(cache: str | Path, fold: int, cfg: Config, *,
     # warn "ran out of data"; a sidecar that disagrees with its shard fails loudly.
     n_images = sum(len(_sidecar_ids(f)) for f in files)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_images))
-    ds = ds.batch(batch).map(to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch).map(masks_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options).prefetch(AUTOTUNE)

@@ -19,13 +19,14 @@ import tensorflow as tf
 from tfpneumo import runs
 from tfpneumo.config import Config
 from tfpneumo.data.manifest import find_cache_info
-from tfpneumo.errors import TfpneumoError, first_line
+from tfpneumo.errors import TfpneumoError
+from tfpneumo.models.saved import load_network
 
 
 def predict_batch(net: keras.Model, images, hflip: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
     """Mask and label probabilities for one batch, averaged with the horizontal flip (TTA).
 
-    images (B, H, W, 3) float32 normalised -> mask (B, H, W, 1) float32, label (B,) float32.
+    images (B, H, W, 1) grey pixels 0..255 -> mask (B, H, W, 1) float32, label (B,) float32.
     """
     out = net(images, training=False)
     mask, label = tf.cast(out["mask"], tf.float32), tf.cast(out["label"], tf.float32)
@@ -46,7 +47,7 @@ def predict_tta(net: keras.Model, images, hflip: bool = True,
                 scales: tuple[float, ...] = (1.0,)) -> tuple[tf.Tensor, tf.Tensor]:
     """Multi-scale (and horizontal-flip) test-time augmentation of one network.
 
-    images (B, H, W, 3) float32 normalised, H and W multiples of 32 -> mask (B, H, W, 1)
+    images (B, H, W, 1) grey pixels 0..255, H and W multiples of 32 -> mask (B, H, W, 1)
     float32, label (B,) float32. For each scale ``s`` the batch is resized (bilinear) to
     ``scaled_size(H, s) x scaled_size(W, s)``, predicted (with its flip when ``hflip``) and the
     mask probabilities resized back to ``H x W``; the maps and the labels are averaged over
@@ -75,7 +76,7 @@ def predict_tta(net: keras.Model, images, hflip: bool = True,
 
 def ensemble_predictor(nets: list[keras.Model], hflip: bool = True,
                        scales: tuple[float, ...] = (1.0,)):
-    """A compiled function ``images (B, H, W, 3) float32 -> (mask (B, H, W, 1), label (B,))``,
+    """A compiled function ``images (B, H, W, 1) float32 grey pixels -> (mask (B, H, W, 1), label (B,))``,
     both float32: the mean over ``nets`` of :func:`predict_tta`.
 
     Traced once for any batch and image size (the input signature leaves them unknown).
@@ -84,7 +85,7 @@ def ensemble_predictor(nets: list[keras.Model], hflip: bool = True,
         raise ValueError("an ensemble needs at least one network")
     scales = tuple(float(s) for s in scales)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
     def run(images):
         masks, labels = [], []
         for net in nets:
@@ -94,25 +95,6 @@ def ensemble_predictor(nets: list[keras.Model], hflip: bool = True,
         return tf.add_n(masks) / len(nets), tf.add_n(labels) / len(nets)
 
     return run
-
-
-# ----------------------------------------------------------------------------- networks
-
-def load_network(path: Path):
-    """One saved network (safe_mode) whose outputs include ``mask`` and ``label``."""
-    # Registers the custom layers for loading. unet.py imports layers.py only inside
-    # build_model, so importing unet alone does not register BilinearUpSampling2D.
-    import tfpneumo.models.layers  # noqa: F401
-    import tfpneumo.models.unet  # noqa: F401
-
-    try:
-        net = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as e:  # keras raises many types for a bad zip, config or weights file
-        raise TfpneumoError(f"{path}: cannot load model ({first_line(e, 200)})") from e
-    outputs = net.output if isinstance(net.output, dict) else {}
-    if not {"mask", "label"} <= set(outputs):
-        raise TfpneumoError(f"{path}: not a tfpneumo UNet (outputs must include 'mask' and 'label')")
-    return net
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -143,11 +125,10 @@ class Predictor:
     def predict(self, items: Sequence[tuple[str, Path]]) -> Iterator[Prediction]:
         """Predictions for (id, DICOM path) items, in order; one batch in memory at a time
         (the next is decoded in a background thread). A bad DICOM raises naming it."""
-        from tfpneumo.data.pipeline import normalize
         from tfpneumo.inference.images import image_batches
 
         for batch in image_batches(items, self.size, self.batch_size, self.clahe):
-            probs, labels = self.run(normalize(batch.images[..., None]))
+            probs, labels = self.run(batch.images[..., None].astype(np.float32))  # grey pixels
             probs, labels = probs.numpy()[..., 0], labels.numpy()
             for i, image_id in enumerate(batch.ids):
                 yield Prediction(image_id, probs[i], float(labels[i]), batch.originals[i])

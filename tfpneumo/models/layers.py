@@ -1,44 +1,49 @@
 """Custom Keras layers of the model (registered, so ``.keras`` files load with safe_mode=True).
 
 Import this module (``tfpneumo.models.unet`` does) before ``keras.saving.load_model``.
+:class:`BilinearUpSampling2D` is an upstream workaround and lives in :mod:`tfpneumo.compat`;
+it is re-exported here so the model's layers have one import.
 """
 
 from __future__ import annotations
 
 import keras
 
+from tfpneumo.compat import BilinearUpSampling2D
+
+__all__ = ["INPUT_CONVENTION", "BilinearUpSampling2D", "GreyPixels"]
+
+# What the network takes, recorded in every saved .keras file (GreyPixels' config). Files of
+# tfpneumo < 0.3 took ImageNet-normalised RGB and have no GreyPixels layer;
+# tfpneumo.models.saved refuses them with one line.
+INPUT_CONVENTION = "grey-pixels-0-255"
+
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
-class BilinearUpSampling2D(keras.layers.Layer):
-    """Bilinear upsampling by an integer factor that also works on unknown H and W.
+class GreyPixels(keras.layers.Layer):
+    """The model's input convention: grey pixels in [0, 255], uint8 or float, ``(B, H, W, 1)``.
 
-    ``(B, H, W, C) -> (B, size * H, size * W, C)``, same dtype as the input. Same values as
-    ``keras.layers.UpSampling2D(size, interpolation="bilinear")`` (``tf.image.resize``,
-    half-pixel centres, no antialiasing), which in Keras 3.15 fails when H or W is symbolic
-    (a ``predict`` retraced for a second input size, an export with a ``(None, None)``
-    signature): ``ops.image.resize`` tests ``size[0] <= 0`` in Python
-    (keras-team/keras PR #22079).
+    Casts to the compute dtype and repeats the grey channel to the three channels the ResNet
+    encoder (and its ImageNet weights) expect. Normalisation happens next, inside the encoder:
+    segmentation-models' ResNets start with a BatchNormalization (``bn_data``) over raw
+    0..255 RGB, and their ImageNet weights hold ImageNet's pixel statistics there.
     """
 
-    def __init__(self, size: int = 2, **kwargs):
+    def __init__(self, convention: str = INPUT_CONVENTION, **kwargs):
         super().__init__(**kwargs)
-        if int(size) != size or size < 1:
-            raise ValueError(f"size must be a positive integer, got {size!r}")
-        self.size = int(size)
+        if convention != INPUT_CONVENTION:
+            raise ValueError(f"input convention {convention!r}: this tfpneumo takes "
+                             f"{INPUT_CONVENTION!r}")
+        self.convention = convention
 
     def call(self, inputs):
-        import tensorflow as tf  # the TensorFlow backend is the only one tfpneumo supports
+        from keras import ops
 
-        shape = tf.shape(inputs)
-        # Resize in float32: its gradient under XLA rejects a half-precision input mixed with
-        # its float32 output ("Seen floating point types of different precisions").
-        out = tf.image.resize(tf.cast(inputs, tf.float32),
-                              (shape[1] * self.size, shape[2] * self.size), method="bilinear")
-        return tf.cast(out, inputs.dtype)
+        x = ops.cast(inputs, self.compute_dtype)
+        return ops.repeat(x, 3, axis=-1)
 
     def compute_output_shape(self, input_shape):
-        b, h, w, c = input_shape
-        return (b, None if h is None else h * self.size, None if w is None else w * self.size, c)
+        return (*input_shape[:-1], 3)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "size": self.size}
+        return {**super().get_config(), "convention": self.convention}

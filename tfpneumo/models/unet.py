@@ -8,18 +8,21 @@ layers plus one registered layer (no Lambda), so a saved ``.keras`` file loads u
 
 Inputs and outputs::
 
-    image  (B, H, W, 3) float32   raw pixel values in [0, 255], H and W multiples of 32.
-                                  sm's ResNets normalise inside (their first layer is a
-                                  BatchNormalization, ``bn_data``); sm's preprocess_input
-                                  for them is the identity, and the ImageNet weights expect
-                                  0..255 RGB.
+    image  (B, H, W, 1)           grey pixels in [0, 255], uint8 or float, H and W multiples
+                                  of 32. The model owns its input convention
+                                  (:class:`~tfpneumo.models.layers.GreyPixels`, recorded in
+                                  saved files): it repeats grey to RGB, and sm's ResNets
+                                  normalise inside (their first layer is a
+                                  BatchNormalization, ``bn_data``, whose ImageNet weights
+                                  hold ImageNet's 0..255 RGB statistics).
     mask   (B, H, W, 1) float32   pixel probabilities (sigmoid), float32 under any policy.
     label  (B, 1)       float32   probability that the image has a pneumothorax.
 
 Every layer we add has a fixed name (``decoder_stage{i}_conv1``, ``cls_head_dense``, ...);
 the encoder keeps sm's names (``conv0``, ``stage3_unit2_bn1``, ...), so weights load by name.
-One custom layer, :class:`~tfpneumo.models.layers.BilinearUpSampling2D` (registered): import
-this module (or ``tfpneumo.models.layers``) before ``keras.saving.load_model``.
+Two custom layers, :class:`~tfpneumo.models.layers.GreyPixels` and
+:class:`~tfpneumo.models.layers.BilinearUpSampling2D` (registered): load saved networks with
+:func:`tfpneumo.models.saved.load_network`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tfpneumo.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from tfpneumo.errors import TfpneumoError
 from tfpneumo.models import layers as _custom_layers  # noqa: F401  (registers them for loading)
 
@@ -66,6 +68,10 @@ SKIP_CHANNELS: dict[str, tuple[int, ...]] = {
 # The encoder's last layer (x32): input of the decoder and of the classification head.
 ENCODER_OUTPUT = "relu1"
 BOTTLENECK_CHANNELS: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+
+# ImageNet's RGB statistics in [0, 1]: where a random encoder's input BatchNorm starts.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SCSE_REDUCTION = 16  # channel squeeze ratio of the cSE branch (smp's SCSEModule default)
 HEAD_POOLS = ("avg", "avgmax")
@@ -105,12 +111,11 @@ def _sm():
 def build_backbone(encoder: str, image: keras.KerasTensor) -> keras.Model:
     """sm's ResNet on the input tensor ``image``, randomly initialised, without its top."""
     skip_taps(encoder)  # validates the name
+    from tfpneumo.compat import sm_keras_modules
+
     sm = _sm()
-    return sm.Backbones.get_backbone(
-        encoder, input_tensor=image, weights=None, include_top=False,
-        backend=sm._KERAS_BACKEND, layers=sm._KERAS_LAYERS, models=sm._KERAS_MODELS,
-        utils=sm._KERAS_UTILS,
-    )
+    return sm.Backbones.get_backbone(encoder, input_tensor=image, weights=None,
+                                     include_top=False, **sm_keras_modules(sm))
 
 
 def imagenet_weights_entry(encoder: str) -> dict:
@@ -129,9 +134,9 @@ def keras_cache_dir() -> Path:
     """Where ``keras.utils.get_file`` caches downloads: ``$KERAS_HOME`` or ``~/.keras``."""
     home = os.environ.get("KERAS_HOME")
     if not home:
-        from keras.src.backend.config import keras_home  # keras has no public accessor
+        from tfpneumo.compat import keras_home
 
-        home = keras_home()
+        return keras_home()
     return Path(home).expanduser()
 
 
@@ -292,7 +297,7 @@ def _head(x, cfg: ModelConfig):
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 3)) -> keras.Model:
+def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 1)) -> keras.Model:
     """The UNet with outputs ``{"mask": (B, H, W, 1), "label": (B, 1)}``, both float32.
 
     Layers are created under the current global dtype policy (``mixed_float16`` and
@@ -306,8 +311,8 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 3)) -> ke
     from keras import layers
 
     taps = skip_taps(cfg.encoder, cfg.plain_taps)
-    if len(input_shape) != 3 or input_shape[-1] != 3:
-        raise TfpneumoError(f"input_shape {input_shape}: expected (H, W, 3)")
+    if len(input_shape) != 3 or input_shape[-1] != 1:
+        raise TfpneumoError(f"input_shape {input_shape}: expected (H, W, 1), grey pixels")
     for size in input_shape[:2]:
         if size is not None and size % 32:
             raise TfpneumoError(f"input_shape {input_shape}: H and W must be multiples of 32 "
@@ -315,12 +320,10 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 3)) -> ke
     if len(cfg.decoder_filters) != len(taps) + 1:
         raise TfpneumoError(f"model.decoder_filters: expected {len(taps) + 1} values")
 
+    from tfpneumo.models.layers import GreyPixels
+
     image = keras.Input(shape=input_shape, name="image")
-    # The pipeline feeds ImageNet-normalised images; sm's ResNets (and their ImageNet weights)
-    # take raw 0..255 pixels and normalise in their first BatchNorm (bn_data). Undo it here.
-    pixels = layers.Rescaling(scale=[255.0 * s for s in IMAGENET_STD],
-                              offset=[255.0 * m for m in IMAGENET_MEAN],
-                              name="imagenet_to_pixels")(image)
+    pixels = GreyPixels(name="grey_pixels")(image)
     backbone = build_backbone(cfg.encoder, pixels)
     weights = cfg.encoder_weights
     if weights.lower() == "imagenet":
@@ -357,7 +360,7 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 3)) -> ke
 def encoder_model(model: keras.Model) -> keras.Model:
     """The encoder part of a built (or loaded) UNet as a model sharing its layers.
 
-    ``(B, H, W, 3) -> (B, H/32, W/32, C)``. Its ``save_weights("x.weights.h5")`` gives a file
+    ``(B, H, W, 1) -> (B, H/32, W/32, C)``. Its ``save_weights("x.weights.h5")`` gives a file
     that ``encoder_weights: x.weights.h5`` loads.
     """
     import keras

@@ -174,7 +174,7 @@ class ImagePanels(keras.callbacks.Callback):
     def __init__(self, log_dir: Path, images: np.ndarray, masks: np.ndarray):
         super().__init__()
         self.log_dir = str(log_dir)
-        self.images = images  # (N, H, W, 3) float32, ImageNet-normalised
+        self.images = images  # (N, H, W, 1) grey pixels 0..255, what the model takes
         self.masks = masks  # (N, H, W, 1) float32
         self._writer = None
 
@@ -186,9 +186,7 @@ class ImagePanels(keras.callbacks.Callback):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         pred = self.model.predict(self.images, verbose=0)["mask"]
-        std = np.array([0.229, 0.224, 0.225], np.float32)
-        mean = np.array([0.485, 0.456, 0.406], np.float32)
-        xray = np.clip((self.images * std + mean)[..., :1], 0, 1)
+        xray = np.asarray(self.images, np.float32) / 255.0
         panel = np.concatenate([xray, self.masks, np.asarray(pred, np.float32)], axis=2)
         with self._writer.as_default():
             tf.summary.image("validation/xray_truth_prediction", panel, step=epoch + 1,

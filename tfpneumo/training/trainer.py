@@ -193,8 +193,8 @@ def learning_rate(optimizer) -> float:
 def finish_on_device(x, y):
     """Training batches from ``train_dataset(device_finish=True)`` -> model input and targets.
 
-    Those batches carry uint8 crops and per-image grey-level tables (1/12 of the bytes of the
-    float32 RGB batch through tf.data service, host memory and the PCIe bus); the float32
+    Those batches carry uint8 crops and per-image grey-level tables (1/4 of the bytes of the
+    float32 batch through tf.data service, host memory and the PCIe bus); the float32
     batch is made here, inside the train step, on the training device. Other batches pass.
     """
     if not isinstance(x, dict):
