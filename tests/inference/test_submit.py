@@ -26,8 +26,6 @@ from tfpneumo.grammar import parse_folds, parse_scales
 from tfpneumo.inference.submission import SubmitError, read_sample_ids, submit
 from tfpneumo.runs import ensemble_files
 
-
-
 # ----------------------------------------------------------------------------- shared fixtures
 
 def read_csv(path: Path) -> list[list[str]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from factories import tiny_model_file
 
 from tfpneumo.errors import TfpneumoError
-from factories import tiny_model_file
 
 
 @pytest.fixture(scope="module")

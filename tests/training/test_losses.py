@@ -119,8 +119,9 @@ def random_batch(seed=0, batch=4, size=16):
 
 
 def mask_loss(kind: str, **loss_config) -> keras.losses.Loss:
-    """The training mask loss of ``LossConfig(mask=kind, **loss_config)``, as build_losses makes it."""
-    losses, _ = L.build_losses(LossConfig(mask=kind, **loss_config))
+    """The mask loss of ``LossConfig(mask=kind, **loss_config)`` as build_losses makes it, on
+    probabilities (the numpy oracles below take probabilities)."""
+    losses, _ = L.build_losses(LossConfig(mask=kind, **loss_config), from_logits=False)
     return losses["mask"]
 
 
@@ -353,12 +354,15 @@ def test_build_losses_from_config():
     losses, weights = L.build_losses(cfg)
     assert weights == {"mask": 2.0, "label": 0.25}
     assert isinstance(losses["mask"], L.FocalLoss) and isinstance(losses["label"], L.BCELoss)
+    assert losses["mask"].from_logits and losses["label"].from_logits  # what Trainer gives
     t, p = random_batch(9)
-    assert f(losses["mask"](t, p)) == pytest.approx(np_focal(t, p, 1.0, 0.5).mean(), rel=1e-5)
+    assert f(losses["mask"](t, np_logit(p))) == pytest.approx(np_focal(t, p, 1.0, 0.5).mean(),
+                                                              rel=1e-5)
     # The default: the 1st place combo, spelled as the recipe, on positive images only.
     default, _ = L.build_losses(LossConfig())
-    assert isinstance(default["mask"], L.PositivesOnly)
-    recipe = 3 * L.BCELoss() + L.DiceLoss() + 4 * L.FocalLoss()
+    assert isinstance(default["mask"], L.PositivesOnly) and default["mask"].from_logits
+    z = {"from_logits": True}
+    recipe = 3 * L.BCELoss(**z) + L.DiceLoss(**z) + 4 * L.FocalLoss(**z)
     assert default["mask"].loss.get_config() == recipe.get_config()
     # Zero-weight terms are left out (not computed at weight 0).
     lovasz_only, _ = L.build_losses(LossConfig(combo_bce=0, combo_dice=0, combo_focal=0,
@@ -566,3 +570,63 @@ def test_mirrored_strategy_matches_single_device():
                             text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "OK" in result.stdout
+
+
+# ----------------------------------------------------------------- from logits
+
+def test_every_loss_on_logits_equals_the_same_loss_on_probabilities():
+    """Oracle: the numpy probability formulas above, at p = sigmoid(z)."""
+    t, p = random_batch(11)
+    z = np_logit(p).astype(np.float32)
+    q = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    cases = [
+        (L.BCELoss(from_logits=True), np_bce(t, q)),
+        (L.DiceLoss(from_logits=True), np_dice_loss(t, q)),
+        (L.LogDiceLoss(gamma=0.5, from_logits=True), np_log_dice(t, q, 0.5)),
+        (L.FocalLoss(gamma=1.5, alpha=0.4, from_logits=True), np_focal(t, q, 1.5, 0.4)),
+        (L.LovaszHingeLoss(from_logits=True), np_lovasz(t, z)),
+        (L.OHEMBCELoss(ratio=0.5, from_logits=True), np_ohem(t, q, 0.5)),
+    ]
+    for loss, expected in cases:
+        assert f(loss(t, z)) == pytest.approx(expected.mean(), rel=1e-5), loss.name
+    with pytest.raises(L.LossError, match="logits"):
+        L.BCELoss(from_logits=True) + L.DiceLoss()
+
+
+def test_a_saturated_pixel_still_gets_its_gradient_from_logits(tf):
+    """Why training uses logits: a positive pixel whose logit ran to -30 (p = 9e-14, below the
+    1e-7 clip) gets d(BCE)/dz = p - 1 = -1/N from logits, and exactly 0 through clipped
+    probabilities; focal (gamma 2, alpha 0.25) gives -0.25/N * ~1 from logits."""
+    n = 16
+    t = np.zeros((1, 4, 4, 1), np.float32)
+    t[0, 0, 0, 0] = 1.0
+    z = tf.Variable(np.full((1, 4, 4, 1), -30.0, np.float32))
+    for loss, want in ((L.BCELoss, -1.0 / n), (lambda **k: L.FocalLoss(**k), -0.25 / n)):
+        with tf.GradientTape(persistent=True) as tape:
+            on_logits = loss(from_logits=True)(t, z)
+            on_probs = loss()(t, tf.sigmoid(z))
+        assert float(tape.gradient(on_logits, z)[0, 0, 0, 0]) == pytest.approx(want, rel=1e-4)
+        assert float(tape.gradient(on_probs, z)[0, 0, 0, 0]) == 0.0
+
+
+def test_trainer_gives_logits_to_the_losses_and_probabilities_to_the_metrics(tf):
+    """A net whose mask logit is -30 everywhere: the compiled BCE on logits is 30 per positive
+    pixel (the clipped probability would cap it at -log(1e-7) = 16.1); the Dice metric sees
+    probabilities (an empty prediction on a non-empty truth scores 0)."""
+    from tfpneumo.training.metrics import KaggleDice
+    from tfpneumo.training.trainer import Trainer
+
+    image = keras.Input((4, 4, 1), name="image")
+    logits = keras.layers.Conv2D(1, 1, kernel_initializer="zeros",
+                                 bias_initializer=keras.initializers.Constant(-30.0))(image)
+    mask = keras.layers.Activation("sigmoid", name="mask")(logits)
+    label = keras.layers.Activation("sigmoid", name="label")(
+        keras.layers.Dense(1, kernel_initializer="zeros")(keras.layers.Flatten()(image)))
+    trainer = Trainer(keras.Model(image, {"mask": mask, "label": label}))
+    losses, _ = L.build_losses(LossConfig(mask="bce", mask_positives_only=False))
+    trainer.compile(loss=losses, loss_weights={"mask": 1.0, "label": 0.0},
+                    metrics={"mask": [KaggleDice(name="dice")]})
+    y = {"mask": np.ones((1, 4, 4, 1), np.float32), "label": np.ones((1, 1), np.float32)}
+    logs = trainer.evaluate(np.zeros((1, 4, 4, 1), np.float32), y, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(30.0, rel=1e-5)
+    assert logs["mask_dice"] == 0.0

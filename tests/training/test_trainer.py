@@ -40,6 +40,7 @@ from tfpneumo.training.trainer import (  # noqa: E402
     build_optimizer,
     choose_strategy_name,
     learning_rate,
+    logits_view,
     resolve_runtime,
 )
 
@@ -102,17 +103,26 @@ def compiled(net: keras.Model, optimizer, loss_cfg: LossConfig = PLAIN_BCE,
     return trainer
 
 
-def sgd_oracle(w0: list[np.ndarray], x, y, loss_cfg: LossConfig, lr: float) -> list[np.ndarray]:
+def sgd_oracle(w0: list[np.ndarray], x, y, loss_cfg: LossConfig, lr: float,
+               from_logits: bool = False) -> list[np.ndarray]:
     """One SGD step on the mean over the batch of the per-image losses (all images positive
-    when ``loss_cfg`` is positives-only), computed without Trainer or compile."""
+    when ``loss_cfg`` is positives-only), computed without Trainer or compile.
+
+    By default on the probabilities: the Trainer's losses take logits, so this checks the
+    same maths written apart. ``from_logits`` for inputs that saturate the sigmoids (0..255
+    pixels into the tiny net), where float32 probabilities lose the gradient's precision.
+    """
     net = tiny_net()
     net.set_weights(w0)
-    plain, _ = build_losses(dataclasses.replace(loss_cfg, mask_positives_only=False))
-    mask_fn, label_fn = plain["mask"].call, BCELoss().call  # per image (B,), unreduced
+    plain, _ = build_losses(dataclasses.replace(loss_cfg, mask_positives_only=False),
+                            from_logits=from_logits)
+    mask_fn, label_fn = plain["mask"].call, BCELoss(from_logits=from_logits).call  # (B,)
+    suffix = "_logits" if from_logits else ""
     with tf.GradientTape() as tape:
-        out = net(x, training=True)
-        total = (loss_cfg.mask_weight * tf.reduce_mean(mask_fn(y["mask"], out["mask"]))
-                 + loss_cfg.label_weight * tf.reduce_mean(label_fn(y["label"], out["label"])))
+        out = logits_view(net)(x, training=True)
+        total = (loss_cfg.mask_weight * tf.reduce_mean(mask_fn(y["mask"], out["mask" + suffix]))
+                 + loss_cfg.label_weight * tf.reduce_mean(label_fn(y["label"],
+                                                                   out["label" + suffix])))
     grads = tape.gradient(total, net.trainable_variables)
     return [w - lr * g.numpy() for w, g in zip(w0, grads, strict=True)]
 
@@ -158,7 +168,8 @@ def test_device_finished_batches_equal_float_batches(accumulation_steps):
     x_u8 = {"image": images, "lut": luts}
     y_u8 = {"mask": y["mask"].astype(np.uint8), "label": y["label"]}
     trainer.fit(tf.data.Dataset.from_tensors((x_u8, y_u8)), epochs=1, verbose=0, shuffle=False)
-    assert_weights_close(net.get_weights(), sgd_oracle(w0, x_float, y, PLAIN_BCE, 0.5), w0)
+    assert_weights_close(net.get_weights(),
+                         sgd_oracle(w0, x_float, y, PLAIN_BCE, 0.5, from_logits=True), w0)
 
 
 def test_accumulation_with_layerwise_adamw_and_clipping():

@@ -12,12 +12,15 @@ place combo is written as it is described: ``3 * BCELoss() + DiceLoss() + 4 * Fo
 and :func:`build_losses` turns a :class:`~tfpneumo.config.LossConfig` into ``model.compile``
 arguments spelled that way.
 
-Inputs are ``y_true`` 0/1 and ``y_pred`` probabilities (logits for
-``LovaszHingeLoss(from_logits=True)``) of shape ``(B, H, W, 1)``; any shape ``(B, ...)``
-works, the label head's ``(B, 1)`` too. The per-image maths lives in the private ``_*``
-functions below. Inputs are cast to float32 first and every reduction runs in float32: under
-mixed precision the model's predictions may be float16/bfloat16, and a float16 sum over a
-1024x1024 map overflows.
+Inputs are ``y_true`` 0/1 and ``y_pred`` of shape ``(B, H, W, 1)``: probabilities, or logits
+with ``from_logits=True`` (every loss takes it); any shape ``(B, ...)`` works, the label
+head's ``(B, 1)`` too. Training uses logits (:class:`tfpneumo.training.trainer.Trainer`): on
+probabilities clipped to ``[EPSILON, 1 - EPSILON]`` a pixel whose logit has run past +-16
+gets no gradient at all, so a mask output that saturates to "empty" can never come back;
+from logits, ``log(sigmoid(z))`` is ``-softplus(-z)`` and its gradient never vanishes. The
+per-image maths lives in the private ``_*`` functions below. Inputs are cast to float32
+first and every reduction runs in float32: under mixed precision the model's predictions may
+be float16/bfloat16, and a float16 sum over a 1024x1024 map overflows.
 """
 
 from __future__ import annotations
@@ -63,10 +66,23 @@ def _clip(p: Any, epsilon: float) -> Any:
     return ops.clip(p, epsilon, 1.0 - epsilon)
 
 
-def _bce_pixels(t: Any, p: Any, epsilon: float) -> Any:
-    """Per-pixel binary cross-entropy on probabilities ``(B, N) float32`` -> ``(B, N)``."""
-    p = _clip(p, epsilon)
-    return -(t * ops.log(p) + (1.0 - t) * ops.log1p(-p))
+def _prob_and_logs(y_pred: Any, from_logits: bool, epsilon: float) -> tuple[Any, Any, Any]:
+    """``(p, log p, log(1 - p))`` flattened to ``(B, N) float32``.
+
+    From logits ``z``: ``sigmoid(z)``, ``-softplus(-z)``, ``-softplus(z)``, exact and with a
+    gradient everywhere. From probabilities: clipped to ``[epsilon, 1 - epsilon]`` first.
+    """
+    x = _flat(y_pred)
+    if from_logits:
+        return ops.sigmoid(x), -ops.softplus(-x), -ops.softplus(x)
+    p = _clip(x, epsilon)
+    return p, ops.log(p), ops.log1p(-p)
+
+
+def _bce_pixels(t: Any, y_pred: Any, from_logits: bool, epsilon: float) -> Any:
+    """Per-pixel binary cross-entropy ``(B, N) float32``."""
+    _, log_p, log_q = _prob_and_logs(y_pred, from_logits, epsilon)
+    return -(t * log_p + (1.0 - t) * log_q)
 
 
 def _prob_to_logit(p: Any, epsilon: float) -> Any:
@@ -107,41 +123,46 @@ def _global_sum(value: Any) -> tuple[Any, float]:
 # ----------------------------------------------------------------------------- per-image maths
 # Each takes (B, ...) tensors and returns the per-image loss (B,) float32.
 
-def _bce(y_true: Any, y_pred: Any, epsilon: float) -> Any:
-    """Mean pixel BCE per image on probabilities."""
-    return ops.mean(_bce_pixels(_flat(y_true), _flat(y_pred), epsilon), axis=-1)
+def _bce(y_true: Any, y_pred: Any, epsilon: float, from_logits: bool = False) -> Any:
+    """Mean pixel BCE per image."""
+    return ops.mean(_bce_pixels(_flat(y_true), y_pred, from_logits, epsilon), axis=-1)
 
 
-def _dice(y_true: Any, y_pred: Any, smooth: float) -> Any:
+def _dice(y_true: Any, y_pred: Any, smooth: float, from_logits: bool = False) -> Any:
     """Soft Dice coefficient ``(2 sum(p t) + s) / (sum(p) + sum(t) + s)`` per image."""
     t, p = _flat(y_true), _flat(y_pred)
+    if from_logits:
+        p = ops.sigmoid(p)
     intersection = ops.sum(p * t, axis=-1)
     total = ops.sum(p, axis=-1) + ops.sum(t, axis=-1)
     return (2.0 * intersection + smooth) / (total + smooth)
 
 
-def _log_dice(y_true: Any, y_pred: Any, gamma: float, smooth: float) -> Any:
+def _log_dice(y_true: Any, y_pred: Any, gamma: float, smooth: float,
+              from_logits: bool = False) -> Any:
     """``(-log(dice))^gamma`` per image; exactly 0 (zero gradient) when dice is 1.
 
     ``x^gamma`` has an infinite slope at 0 for ``gamma < 1``, so the perfect case is
     special-cased with ``where`` on a safe operand instead of adding an epsilon (which would
     make a perfect prediction cost ``eps^gamma``, 0.008 for 1e-7 and gamma 0.3).
     """
-    x = ops.maximum(-ops.log(_dice(y_true, y_pred, smooth)), 0.0)
+    x = ops.maximum(-ops.log(_dice(y_true, y_pred, smooth, from_logits)), 0.0)
     positive = x > 0.0
     safe = ops.where(positive, x, ops.ones_like(x))
     return ops.where(positive, ops.power(safe, gamma), ops.zeros_like(x))
 
 
-def _focal(y_true: Any, y_pred: Any, gamma: float, alpha: float, epsilon: float) -> Any:
+def _focal(y_true: Any, y_pred: Any, gamma: float, alpha: float, epsilon: float,
+           from_logits: bool = False) -> Any:
     """Binary focal loss (Lin et al. 2017), mean over pixels per image.
 
     ``-alpha t (1-p)^gamma log(p) - (1-alpha) (1-t) p^gamma log(1-p)``: alpha weighs the
     positive pixels, as in RetinaNet.
     """
-    t, p = _flat(y_true), _clip(_flat(y_pred), epsilon)
-    pos = alpha * t * ops.power(1.0 - p, gamma) * ops.log(p)
-    neg = (1.0 - alpha) * (1.0 - t) * ops.power(p, gamma) * ops.log1p(-p)
+    t = _flat(y_true)
+    p, log_p, log_q = _prob_and_logs(y_pred, from_logits, epsilon)
+    pos = alpha * t * ops.power(1.0 - p, gamma) * log_p
+    neg = (1.0 - alpha) * (1.0 - t) * ops.power(p, gamma) * log_q
     return -ops.mean(pos + neg, axis=-1)
 
 
@@ -172,9 +193,10 @@ def _lovasz_hinge(y_true: Any, logits: Any) -> Any:
     return ops.sum(ops.relu(errors_sorted) * grad, axis=-1)
 
 
-def _ohem_bce(y_true: Any, y_pred: Any, ratio: float, epsilon: float) -> Any:
+def _ohem_bce(y_true: Any, y_pred: Any, ratio: float, epsilon: float,
+              from_logits: bool = False) -> Any:
     """Mean BCE over the ``ohem_k(N, ratio)`` hardest pixels of each image."""
-    pixels = _bce_pixels(_flat(y_true), _flat(y_pred), epsilon)
+    pixels = _bce_pixels(_flat(y_true), y_pred, from_logits, epsilon)
     n = pixels.shape[-1]
     if isinstance(n, int):
         hardest, _ = ops.top_k(pixels, ohem_k(n, ratio), sorted=False)
@@ -212,9 +234,14 @@ class _PerImageLoss(keras.losses.Loss):
     # into a 0-d object array; None makes numpy defer to __rmul__.
     __array_ufunc__ = None
 
-    def __init__(self, name: str | None = None, reduction: str = "sum_over_batch_size"):
+    def __init__(self, name: str | None = None, reduction: str = "sum_over_batch_size",
+                 from_logits: bool = False):
         # dtype stays floatx (float32): Loss.__call__ then casts float16 predictions up.
         super().__init__(name=name, reduction=reduction)
+        self.from_logits = bool(from_logits)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "from_logits": self.from_logits}
 
     def __add__(self, other: Any) -> WeightedSum:
         if not isinstance(other, _PerImageLoss):
@@ -237,14 +264,14 @@ class _PerImageLoss(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
 class BCELoss(_PerImageLoss):
-    """Binary cross-entropy on probabilities, mean over the pixels of each image."""
+    """Binary cross-entropy, mean over the pixels of each image."""
 
     def __init__(self, epsilon: float = EPSILON, name: str | None = "bce", **kwargs: Any):
         super().__init__(name=name, **kwargs)
         self.epsilon = float(epsilon)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return _bce(y_true, y_pred, self.epsilon)
+        return _bce(y_true, y_pred, self.epsilon, self.from_logits)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -259,7 +286,7 @@ class DiceLoss(_PerImageLoss):
         self.smooth = float(smooth)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return 1.0 - _dice(y_true, y_pred, self.smooth)
+        return 1.0 - _dice(y_true, y_pred, self.smooth, self.from_logits)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "smooth": self.smooth}
@@ -276,7 +303,7 @@ class LogDiceLoss(_PerImageLoss):
         self.smooth = float(smooth)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return _log_dice(y_true, y_pred, self.gamma, self.smooth)
+        return _log_dice(y_true, y_pred, self.gamma, self.smooth, self.from_logits)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "gamma": self.gamma, "smooth": self.smooth}
@@ -284,7 +311,7 @@ class LogDiceLoss(_PerImageLoss):
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
 class FocalLoss(_PerImageLoss):
-    """Binary focal loss on probabilities, mean over the pixels of each image.
+    """Binary focal loss, mean over the pixels of each image.
 
     ``-alpha t (1-p)^gamma log(p) - (1-alpha) (1-t) p^gamma log(1-p)`` (RetinaNet's alpha).
     """
@@ -297,7 +324,7 @@ class FocalLoss(_PerImageLoss):
         self.epsilon = float(epsilon)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return _focal(y_true, y_pred, self.gamma, self.alpha, self.epsilon)
+        return _focal(y_true, y_pred, self.gamma, self.alpha, self.epsilon, self.from_logits)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "gamma": self.gamma, "alpha": self.alpha,
@@ -308,15 +335,14 @@ class FocalLoss(_PerImageLoss):
 class LovaszHingeLoss(_PerImageLoss):
     """Lovász hinge per image (Berman et al. 2018).
 
-    The model outputs probabilities, so by default ``y_pred`` is turned into logits
-    (clipped to ``[epsilon, 1 - epsilon]`` first); ``from_logits=True`` takes logits as they
-    are. An image with empty truth costs ``relu(1 + max(logits))``.
+    Probabilities are turned into logits (clipped to ``[epsilon, 1 - epsilon]`` first);
+    ``from_logits=True`` takes logits as they are. An image with empty truth costs
+    ``relu(1 + max(logits))``.
     """
 
     def __init__(self, from_logits: bool = False, epsilon: float = EPSILON,
                  name: str | None = "lovasz", **kwargs: Any):
-        super().__init__(name=name, **kwargs)
-        self.from_logits = bool(from_logits)
+        super().__init__(name=name, from_logits=from_logits, **kwargs)
         self.epsilon = float(epsilon)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -324,8 +350,7 @@ class LovaszHingeLoss(_PerImageLoss):
         return _lovasz_hinge(y_true, logits)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "from_logits": self.from_logits,
-                "epsilon": self.epsilon}
+        return {**super().get_config(), "epsilon": self.epsilon}
 
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
@@ -341,7 +366,7 @@ class OHEMBCELoss(_PerImageLoss):
         self.epsilon = float(epsilon)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return _ohem_bce(y_true, y_pred, self.ratio, self.epsilon)
+        return _ohem_bce(y_true, y_pred, self.ratio, self.epsilon, self.from_logits)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "ratio": self.ratio, "epsilon": self.epsilon}
@@ -373,7 +398,11 @@ class WeightedSum(_PerImageLoss):
                 flat.append((float(weight), loss))
         if not flat:
             raise LossError("weighted sum: no terms")
-        super().__init__(name=name, **kwargs)
+        kinds = {loss.from_logits for _, loss in flat}
+        if len(kinds) > 1:
+            raise LossError("weighted sum: some terms take logits and others probabilities")
+        kwargs.pop("from_logits", None)  # the terms' own, not a setting of the sum
+        super().__init__(name=name, from_logits=kinds.pop(), **kwargs)
         self.terms = flat
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -440,7 +469,8 @@ class PositivesOnly(_PerImageLoss):
             raise LossError(f"positives only: {loss!r} is not a tfpneumo per-image loss")
         if _has_positives_only(loss):
             raise LossError("positives only: the wrapped loss already averages over positives")
-        super().__init__(name=name, **kwargs)
+        kwargs.pop("from_logits", None)  # the wrapped loss's own
+        super().__init__(name=name, from_logits=loss.from_logits, **kwargs)
         self.loss = loss
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -470,43 +500,49 @@ class PositivesOnly(_PerImageLoss):
 
 # ----------------------------------------------------------------------------- from the config
 
-def _mask_loss(cfg: LossConfig) -> _PerImageLoss:
+def _mask_loss(cfg: LossConfig, from_logits: bool) -> _PerImageLoss:
     """The ``cfg.mask`` loss over all images (before any positives-only wrapping)."""
-    focal = FocalLoss(gamma=cfg.focal_gamma, alpha=cfg.focal_alpha)
+    z = {"from_logits": from_logits}
+    focal = FocalLoss(gamma=cfg.focal_gamma, alpha=cfg.focal_alpha, **z)
     if cfg.mask == "combo":
         # With the defaults this is 3 * BCELoss() + DiceLoss() + 4 * FocalLoss().
-        terms = [weight * loss for weight, loss in ((cfg.combo_bce, BCELoss()),
-                                                   (cfg.combo_dice, DiceLoss()),
+        terms = [weight * loss for weight, loss in ((cfg.combo_bce, BCELoss(**z)),
+                                                   (cfg.combo_dice, DiceLoss(**z)),
                                                    (cfg.combo_focal, focal),
-                                                   (cfg.combo_lovasz, LovaszHingeLoss()))
+                                                   (cfg.combo_lovasz, LovaszHingeLoss(**z)))
                  if weight != 0]
         if not terms:
             raise LossError("combo loss: every weight is 0")
         return sum(terms)
     single = {
-        "bce": BCELoss,
-        "dice": DiceLoss,
-        "log_dice": lambda: LogDiceLoss(gamma=cfg.log_dice_gamma),
+        "bce": lambda: BCELoss(**z),
+        "dice": lambda: DiceLoss(**z),
+        "log_dice": lambda: LogDiceLoss(gamma=cfg.log_dice_gamma, **z),
         "focal": lambda: focal,
-        "lovasz": LovaszHingeLoss,
-        "ohem_bce": lambda: OHEMBCELoss(ratio=cfg.ohem_ratio),
+        "lovasz": lambda: LovaszHingeLoss(**z),
+        "ohem_bce": lambda: OHEMBCELoss(ratio=cfg.ohem_ratio, **z),
     }
     if cfg.mask not in single:
         raise LossError(f"mask loss {cfg.mask!r} is not one of {list(MASK_KINDS)}")
     return single[cfg.mask]()
 
 
-def build_losses(cfg: LossConfig) -> tuple[dict[str, keras.losses.Loss], dict[str, float]]:
+def build_losses(cfg: LossConfig, from_logits: bool = True,
+                 ) -> tuple[dict[str, keras.losses.Loss], dict[str, float]]:
     """``(loss, loss_weights)`` for ``model.compile`` on a model with outputs mask and label.
+
+    ``from_logits`` (the default): every loss takes logits, as
+    :class:`~tfpneumo.training.trainer.Trainer` gives them; False for a plain Keras model
+    whose outputs are probabilities.
 
     ``loss["mask"]`` is the ``cfg.mask`` loss (a combo is a :class:`WeightedSum` without its
     zero-weight terms), wrapped in :class:`PositivesOnly` when ``cfg.mask_positives_only``;
     ``loss["label"]`` is plain BCE on every image; the weights are ``cfg.mask_weight`` and
     ``cfg.label_weight``.
     """
-    mask = _mask_loss(cfg)
+    mask = _mask_loss(cfg, from_logits)
     if cfg.mask_positives_only:
         mask = PositivesOnly(mask, name="mask_loss")
-    label = BCELoss(name="label_loss")
+    label = BCELoss(name="label_loss", from_logits=from_logits)
     return ({"mask": mask, "label": label},
             {"mask": float(cfg.mask_weight), "label": float(cfg.label_weight)})

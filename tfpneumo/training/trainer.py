@@ -205,8 +205,25 @@ def finish_on_device(x, y):
     return images, {**y, "mask": masks}
 
 
+def logits_view(net: keras.Model) -> keras.Model:
+    """``net`` with each output that ends in a sigmoid ``Activation`` layer also given before
+    it: outputs ``mask``, ``label`` (probabilities, as ``net``) plus ``mask_logits`` and
+    ``label_logits`` where ``net`` has them. Shares ``net``'s layers and weights."""
+    outputs = dict(net.output) if isinstance(net.output, dict) else {}
+    for name in ("mask", "label"):
+        layer = net.get_layer(name) if name in outputs else None
+        if isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] == "sigmoid":
+            outputs[f"{name}_logits"] = layer.input
+    return keras.Model(net.inputs, outputs, name=f"{net.name}_with_logits")
+
+
 class Trainer(keras.Model):
     """Trains ``net`` (a functional model with outputs ``mask`` and ``label``).
+
+    Losses compiled with ``from_logits=True`` (:func:`tfpneumo.training.losses.build_losses`
+    does) get the logits before ``net``'s final sigmoids (:func:`logits_view`): a loss on
+    clipped probabilities has no gradient once a logit saturates, which is how a mask output
+    collapsed to "empty everywhere" and stayed there. Metrics get the probabilities.
 
     ``accumulation_steps`` > 1 splits each replica's batch into that many micro-batches and
     sums their gradients inside one train step before a single optimizer update. Keras'
@@ -218,6 +235,7 @@ class Trainer(keras.Model):
                  gated_thresholds: tuple[float, ...] = (), **kwargs):
         super().__init__(**kwargs)
         self.net = net
+        self.view = logits_view(net)
         self.accumulation_steps = accumulation_steps
         # Dice of the mask gated by the classification head (empty when p(label) <= 0.5): with
         # the mask loss on positive images only, the mask of a negative image is unconstrained
@@ -228,9 +246,25 @@ class Trainer(keras.Model):
                            for t in gated_thresholds]
 
     def call(self, inputs, training=False):
-        return self.net(inputs, training=training)
+        return self.view(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        chosen = {}
+        for name, value in y_pred.items():
+            if name.endswith("_logits"):
+                continue
+            loss = self.loss.get(name) if isinstance(self.loss, dict) else None
+            if getattr(loss, "from_logits", False):
+                if f"{name}_logits" not in y_pred:
+                    raise TfpneumoError(f"loss on {name!r} takes logits, but the network's "
+                                        f"{name!r} output is not a sigmoid Activation layer")
+                value = y_pred[f"{name}_logits"]
+            chosen[name] = value
+        return super().compute_loss(x=x, y=y, y_pred=chosen, sample_weight=sample_weight,
+                                    training=training)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        y_pred = {k: v for k, v in y_pred.items() if not k.endswith("_logits")}
         if self.gated_dice:
             gate = tf.cast(tf.reshape(y_pred["label"], [-1, 1, 1, 1]) > 0.5, y_pred["mask"].dtype)
             for metric in self.gated_dice:
