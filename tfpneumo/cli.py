@@ -112,6 +112,8 @@ def evaluate(
     bottoms: Annotated[str, typer.Option(help="Bottom (mask) thresholds.")] = "0.2:0.5:0.1",
     label_thresholds: Annotated[str, typer.Option(help="Classification-head thresholds.")] = "0.3:0.8:0.1",
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<experiment>/).")] = None,
+    weights: Annotated[str, typer.Option(help="Whose out-of-fold predictions: auto (the averaged "
+                                         "network if any) | swa | topk | best | final.")] = "auto",
     set_: SetOpt = None,
 ) -> None:
     """Search thresholds on the out-of-fold predictions (triplet and classifier rules)."""
@@ -123,12 +125,14 @@ def evaluate(
     from tfpneumo.evaluation.report import evaluate as run_evaluate
 
     cfg = load_config(config, set_ or [])
-    typer.echo(run_evaluate(cfg, folds=fold_list, out=out, **grids))
+    typer.echo(run_evaluate(cfg, folds=fold_list, out=out, weights=weights, **grids))
 
 
 # Options shared by submit and predict: which models, which thresholds, which TTA.
 FoldsOpt = Annotated[str, typer.Option("--folds", help="'all' trained folds or indices, e.g. 0,2.")]
-WeightsOpt = Annotated[str, typer.Option(help="auto (swa, else best) | best | swa | final | topk.")]
+WeightsOpt = Annotated[str, typer.Option(help="auto (swa, else topk, else best) | swa | topk | best | "
+                                          "final; a kind other than auto uses the rule of "
+                                          "evaluate --weights <kind>.")]
 SizeOpt = Annotated[int, typer.Option(help="Prediction size in pixels; masks are written at the DICOM's size.")]
 RuleOpt = Annotated[str | None, typer.Option(help="triplet | label (default: evaluate's best).")]
 TopOpt = Annotated[float | None, typer.Option(help="Triplet top threshold.")]

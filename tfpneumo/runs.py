@@ -10,10 +10,12 @@
         best.weights.h5        best checkpoint; final.weights.h5 the last epoch's weights
         tensorboard/           scalars and image panels
         final.keras best.keras [swa.keras] [topk.keras]   saved networks (safe_mode loadable)
-        oof.npz                out-of-fold statistics of the selected network
+        oof_<kind>.npz         out-of-fold statistics of each saved network (kind: final, ...)
+        oof.npz                those of the network "auto" picks (the averaged one if any)
         result.json            summary; written last: a fold with it is trained
         stages/<name>/         one such folder per stage when the config has several
     evaluation.json evaluation_images.csv evaluation_heatmap.png      (tfpneumo evaluate)
+    evaluation_<kind>.json ...   (tfpneumo evaluate --weights <kind>: that network's rule)
 
 This module is the only place that knows these names.
 """
@@ -38,16 +40,35 @@ OOF = "oof.npz"
 RESULT = "result.json"  # a fold's; written last
 STAGE_RESULT = "stage.json"  # a stage's; written last
 STAGES = "stages"
-EVALUATION_JSON = "evaluation.json"
-EVALUATION_IMAGES = "evaluation_images.csv"
-EVALUATION_HEATMAP = "evaluation_heatmap.png"
+EVALUATION_JSON = "evaluation.json"  # of --weights auto; evaluation_names() for the others
 
-# Saved networks by kind; "auto" takes the first that exists in this order.
+# Saved networks by kind; "auto" takes the first that exists in this order: an averaged
+# network (SWA, then the top-k checkpoint average) is the model when training made one.
 NETWORKS = {"swa": "swa.keras", "best": "best.keras", "final": "final.keras", "topk": "topk.keras"}
 WEIGHTS = ("auto", *NETWORKS)
-AUTO_ORDER = ("swa", "best", "final")
+AUTO_ORDER = ("swa", "topk", "best", "final")
+
+
+def _suffix(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise TfpneumoError(f"--weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    return "" if weights == "auto" else f"_{weights}"
+
+
+def oof_name(weights: str = "auto") -> str:
+    """``oof.npz`` (the network auto picks) or ``oof_<kind>.npz``."""
+    return f"oof{_suffix(weights)}.npz"
+
+
+def evaluation_names(weights: str = "auto") -> tuple[str, str, str]:
+    """evaluate's JSON, per-image CSV and heatmap for the networks of ``weights``."""
+    s = _suffix(weights)
+    return f"evaluation{s}.json", f"evaluation{s}_images.csv", f"evaluation{s}_heatmap.png"
+
+
 # What a multi-stage run copies from its last stage into the fold folder.
-FOLD_ARTEFACTS = (*NETWORKS.values(), OOF, HISTORY, BEST_WEIGHTS)
+FOLD_ARTEFACTS = (*NETWORKS.values(), OOF, *(oof_name(k) for k in NETWORKS), HISTORY,
+                  BEST_WEIGHTS)
 
 FoldSpec = Literal["all"] | Sequence[int]
 _FOLD_DIR = re.compile(r"fold_(\d+)")
@@ -101,13 +122,20 @@ def resolve_trained_folds(experiment: str, folds: FoldSpec, workdir: str | Path 
     return wanted
 
 
+def check_weights(weights: str) -> None:
+    _suffix(weights)
+
+
+def auto_kind(folder: Path) -> str:
+    """The kind of network ``--weights auto`` picks in a fold folder (final if none)."""
+    return next((k for k in AUTO_ORDER if (folder / NETWORKS[k]).is_file()), "final")
+
+
 def network_file(folder: Path, weights: str = "auto") -> Path:
     """The saved network of one fold folder: ``weights`` one of :data:`WEIGHTS`."""
-    if weights not in WEIGHTS:
-        raise TfpneumoError(f"--weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    check_weights(weights)
     if weights == "auto":
-        found = (folder / NETWORKS[k] for k in AUTO_ORDER)
-        path = next((p for p in found if p.is_file()), folder / NETWORKS["final"])
+        path = folder / NETWORKS[auto_kind(folder)]
     else:
         path = folder / NETWORKS[weights]
     if not path.is_file():

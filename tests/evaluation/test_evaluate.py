@@ -18,9 +18,9 @@ from tfpneumo.evaluation.report import _border_notes, evaluate
 from tfpneumo.evaluation.rules import Rule
 from tfpneumo.evaluation.search import Grids, search, snap
 from tfpneumo.grammar import area_grid, parse_folds, parse_grid, probability_grid
-from tfpneumo.runs import EVALUATION_HEATMAP as HEATMAP_PNG
-from tfpneumo.runs import EVALUATION_IMAGES as IMAGES_CSV
-from tfpneumo.runs import EVALUATION_JSON
+from tfpneumo.runs import EVALUATION_JSON, evaluation_names
+
+_, IMAGES_CSV, HEATMAP_PNG = evaluation_names("auto")
 
 BINS = 256
 
@@ -291,10 +291,10 @@ def test_off_grid_thresholds_score_at_the_snapped_edge(tf):
 # ----------------------------------------------------------------------------- end to end
 
 def write_fold(root: Path, fold: int, stats: OofStats, *, trained: bool = True,
-               model: str = "best") -> None:
+               model: str = "best", name: str = "oof.npz") -> None:
     folder = root / f"fold_{fold}"
-    folder.mkdir(parents=True)
-    np.savez(folder / "oof.npz", image_id=stats.image_id, label_prob=stats.label_prob,
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / name, image_id=stats.image_id, label_prob=stats.label_prob,
              has_mask=stats.has_mask, hist_all=stats.hist_all, hist_true=stats.hist_true,
              pixels=stats.pixels, fold=fold, model=model)
     if trained:
@@ -408,3 +408,36 @@ def test_evaluate_errors(fake_run, tmp_path):
     (workdir / "runs" / "x" / "fold_0" / "oof.npz").write_bytes(b"not a zip")
     with pytest.raises(TfpneumoError, match=r"fold_0/oof.npz: cannot read OOF statistics"):
         evaluate(cfg, workdir=workdir)
+
+
+def test_each_weights_kind_is_evaluated_on_its_own_statistics(fake_run):
+    """--weights topk reads each fold's oof_topk.npz (here: other statistics than oof.npz) and
+    writes evaluation_topk.*; a kind without statistics is a one-line error."""
+    workdir, parts = fake_run
+    rng = np.random.default_rng(12)
+    root = workdir / "runs" / "x"
+    other = []
+    for fold in range(2):
+        probs, truth, label_prob = random_maps(rng, n=20, size=32)
+        stats = make_stats(probs, truth, label_prob, fold=fold, ids=[f"f{fold}_{i}" for i in range(20)])
+        write_fold(root, fold, stats, model="topk", name="oof_topk.npz")
+        other.append(stats)
+    grids = {"min_areas": area_grid("0,5,10", "--min-areas"),
+             "thresholds": parse_grid("0.3:0.6", "--thresholds")}
+    auto = evaluate(Config(experiment="x"), workdir=workdir, **grids).summary
+    topk = evaluate(Config(experiment="x"), workdir=workdir, weights="topk", **grids).summary
+    json_name, images_name, heatmap_name = evaluation_names("topk")
+    assert json.loads((root / json_name).read_text()) == json.loads(json.dumps(topk))
+    assert (root / images_name).exists() and (root / heatmap_name).exists()
+    assert topk["weights"] == "topk" and auto["weights"] == "auto"
+    assert {f["model"] for f in topk["folds"].values()} == {"topk"}
+    # the oracle: each search's empty score and pooled image count come from its own files
+    for summary, source in ((auto, parts), (topk, other)):
+        pooled = OofStats.concat(source)
+        assert summary["empty_score"] == pytest.approx(
+            float(np.mean(pooled.hist_true.sum(axis=1) == 0)))
+    assert auto["best"] != topk["best"]
+    with pytest.raises(TfpneumoError, match=r"fold_0/oof_swa\.npz: no out-of-fold statistics for "
+                                            r"--weights swa") as info:
+        evaluate(Config(experiment="x"), workdir=workdir, weights="swa", **grids)
+    assert "\n" not in str(info.value)

@@ -207,9 +207,14 @@ def test_weights_choice(tmp_path):
     cfg = make_run(tmp_path, folds=(0, 1))
     fold0 = tmp_path / "runs" / "tiny" / "fold_0"
     shutil.copy(fold0 / "best.keras", fold0 / "swa.keras")
-    files = ensemble_files(cfg.experiment, "all", workdir=tmp_path)  # auto: swa, best, final
+    files = ensemble_files(cfg.experiment, "all", workdir=tmp_path)  # auto: swa, topk, best, final
     assert [(p.parent.name, p.name) for p in files] == [("fold_0", "swa.keras"),
                                                         ("fold_1", "best.keras")]
+    fold1 = tmp_path / "runs" / "tiny" / "fold_1"
+    shutil.copy(fold1 / "best.keras", fold1 / "topk.keras")  # an averaged network beats best
+    shutil.copy(fold1 / "best.keras", fold0 / "topk.keras")  # and SWA beats top-k
+    files = ensemble_files(cfg.experiment, "all", workdir=tmp_path)
+    assert [p.name for p in files] == ["swa.keras", "topk.keras"]
     assert [p.name for p in ensemble_files(cfg.experiment, [1], "best", tmp_path)] == ["best.keras"]
     with pytest.raises(TfpneumoError, match=r"fold_1/swa\.keras: model file not found"):
         ensemble_files(cfg.experiment, "all", "swa", tmp_path)
@@ -272,6 +277,24 @@ def test_thresholds_from_evaluation_json_rescale_min_area(tmp_path):
     (tmp_path / "runs" / "tiny" / "evaluation.json").write_text("{not json")
     with pytest.raises(TfpneumoError, match=r"evaluation\.json: not valid JSON"):
         resolve_rule(cfg.experiment, tmp_path, None, 128**2)
+
+
+def test_a_weights_kind_uses_only_its_own_rule(tmp_path):
+    """--weights topk never applies the rule chosen on another network's statistics."""
+    cfg = make_run(tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    best = {"rule": "triplet", "top": 0.75, "min_area": 100, "bottom": 0.375, "score": 0.85,
+            "pixels": 128**2}
+    (run / "evaluation.json").write_text(json.dumps({"best": best}))
+    with pytest.raises(TfpneumoError, match=r"evaluation_topk\.json not found: .*tfpneumo "
+                                            r"evaluate --weights topk") as info:
+        resolve_rule(cfg.experiment, tmp_path, None, 128**2, "topk")
+    assert "\n" not in str(info.value)
+    (run / "evaluation_topk.json").write_text(json.dumps({"best": {**best, "top": 0.6}}))
+    rule, source = resolve_rule(cfg.experiment, tmp_path, None, 128**2, "topk")
+    assert rule == Rule("triplet", bottom=0.375, top=0.6, min_area=100)
+    assert source == "evaluation_topk.json"
+    assert resolve_rule(cfg.experiment, tmp_path, None, 128**2)[0].top == 0.75  # auto's own
 
 
 def test_gate_rules_on_a_hand_worked_map():

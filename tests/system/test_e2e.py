@@ -72,8 +72,17 @@ def test_evaluate_and_submit_run_from_the_command_line_on_the_demo_run(demo_work
 @pytest.mark.slow
 def test_run_folder_has_every_artefact(trained_demo: Path):
     for name in ("config.yaml", "history.csv", "best.weights.h5", "final.keras", "best.keras",
-                 "swa.keras", "oof.npz", "result.json", "state/state.json"):
+                 "swa.keras", "topk.keras", "oof.npz", "result.json", "state/state.json",
+                 *(f"oof_{kind}.npz" for kind in ("final", "best", "topk", "swa"))):
         assert (trained_demo / name).exists(), name
+    # the averaged network is the model: oof.npz describes SWA's predictions, not best's
+    with np.load(trained_demo / "oof.npz") as auto, np.load(trained_demo / "oof_swa.npz") as swa, \
+            np.load(trained_demo / "oof_best.npz") as best:
+        assert str(auto["model"]) == "swa"
+        np.testing.assert_array_equal(auto["hist_all"], swa["hist_all"])
+        assert not np.array_equal(auto["hist_all"], best["hist_all"])
+    result = json.loads((trained_demo / "result.json").read_text())
+    assert result["oof_model"] == "swa" and result["learned"] and result["learning_note"] is None
     assert list((trained_demo / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(list((trained_demo / "checkpoints").glob("*.weights.h5"))) == 2  # top_k: 2
     header, *rows = (trained_demo / "history.csv").read_text().splitlines()
@@ -107,6 +116,22 @@ def test_training_beats_untrained_model_and_empty_baseline(trained_demo: Path, d
     assert score_after > score_before + 0.1, (score_before, score_after)
     result = json.loads((trained_demo / "result.json").read_text())
     assert result["best_val_dice"] > result["empty_baseline"], result
+
+
+@pytest.mark.slow
+def test_weights_other_than_auto_use_their_own_rule(demo_workdir: Path):
+    data = demo_workdir / "demo-data"
+    common = ["--config", str(DEMO), "--data", str(data), "--size", "128", "--out"]
+    r = run_cli("submit", *common, "topk.csv", "--weights", "topk", cwd=demo_workdir)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "evaluate --weights topk" in r.stderr and not (demo_workdir / "topk.csv").exists()
+    r = run_cli("evaluate", "--config", str(DEMO), "--weights", "topk", cwd=demo_workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((demo_workdir / "runs" / "demo" / "evaluation_topk.json").read_text())
+    assert summary["weights"] == "topk" and summary["folds"]["0"]["model"] == "topk"
+    r = run_cli("submit", *common, "topk.csv", "--weights", "topk", cwd=demo_workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "evaluation_topk.json" in r.stdout and "topk.keras" in r.stdout
 
 
 @pytest.mark.slow

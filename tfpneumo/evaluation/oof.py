@@ -155,12 +155,18 @@ def load_oof(path: Path, fold: int) -> OofStats:
     )
 
 
-def load_run_oof(experiment: str, folds: Sequence[int], workdir: str | Path = ".") -> tuple[OofStats, dict[int, str]]:
-    """The OOF statistics of trained ``folds`` concatenated, and the kind of network
-    (swa, best, final) each fold's statistics describe. One image size and bin count only."""
+def load_run_oof(experiment: str, folds: Sequence[int], workdir: str | Path = ".",
+                 weights: str = "auto") -> tuple[OofStats, dict[int, str]]:
+    """The OOF statistics of ``weights``' networks of trained ``folds`` concatenated, and the
+    kind of network (swa, topk, best, final) each fold's statistics describe. One image size
+    and bin count only."""
     parts, models = [], {}
     for k in folds:
-        path = runs.fold_dir(experiment, k, workdir) / runs.OOF
+        path = runs.fold_dir(experiment, k, workdir) / runs.oof_name(weights)
+        if not path.exists() and weights != "auto":
+            raise TfpneumoError(f"{path}: no out-of-fold statistics for --weights {weights} "
+                                f"(fold {k} has no {runs.NETWORKS[weights]}, or was trained "
+                                "by tfpneumo < 0.3); try --weights auto")
         if not path.exists():
             raise TfpneumoError(f"{path}: missing although {runs.RESULT} exists; "
                                 f"rerun tfpneumo train --fold {k}")

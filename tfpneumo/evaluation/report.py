@@ -59,7 +59,8 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
              min_areas: Literal["auto"] | Sequence[int] = "auto",
              bottoms: Sequence[float] = DEFAULT_BOTTOMS,
              label_thresholds: Sequence[float] = DEFAULT_LABEL_THRESHOLDS,
-             workdir: Path = Path("."), out: Path | None = None) -> EvaluationResult:
+             workdir: Path = Path("."), out: Path | None = None,
+             weights: str = "auto") -> EvaluationResult:
     """Searches the triplet, label and plain rules on the OOF statistics of ``folds``.
 
     ``thresholds`` are the triplet tops, ``bottoms`` the triplet mask thresholds (``bottom =
@@ -68,10 +69,15 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
     (fractions :data:`~tfpneumo.evaluation.search.MIN_AREA_FRACTIONS` of the image);
     ``label_thresholds`` act on the classification head. Writes evaluation.json, the
     per-image CSV and the heatmap into ``out`` (default ``runs/<experiment>/``).
+
+    ``weights``: whose out-of-fold statistics (``auto``: the network submit uses by default,
+    the averaged one when training made one; a kind: that network's own, written as
+    ``evaluation_<kind>.json``, ..., which ``submit --weights <kind>`` reads).
     """
+    json_name, images_name, heatmap_name = runs.evaluation_names(weights)
     run_root = runs.run_root(cfg.experiment, workdir)
     fold_ids = runs.resolve_trained_folds(cfg.experiment, folds, workdir)
-    stats, models = load_run_oof(cfg.experiment, fold_ids, workdir)
+    stats, models = load_run_oof(cfg.experiment, fold_ids, workdir, weights)
     pixels, bins = int(stats.pixels[0]), stats.bins
     grids = Grids(bins=bins, tops=snap(np.asarray(thresholds, np.float64), bins),
                   min_areas=area_grid(min_areas, pixels),
@@ -93,6 +99,7 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
                                           "best_rule_score": float(image_dice[index].mean())}
     summary = {
         "experiment": cfg.experiment,
+        "weights": weights,
         "folds_used": fold_ids,
         "n_images": len(stats),
         "pixels": pixels,
@@ -109,9 +116,9 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
     out_dir = Path(out) if out is not None else run_root
     out_dir.mkdir(parents=True, exist_ok=True)
     truth_area = stats.hist_true.sum(axis=1, dtype=np.int64)
-    write_json(out_dir / runs.EVALUATION_JSON, summary)
-    write_bytes(out_dir / runs.EVALUATION_IMAGES, _images_csv(stats, truth_area, pred_area, image_dice))
-    write_bytes(out_dir / runs.EVALUATION_HEATMAP, render_heatmap(pooled, pixels))
+    write_json(out_dir / json_name, summary)
+    write_bytes(out_dir / images_name, _images_csv(stats, truth_area, pred_area, image_dice))
+    write_bytes(out_dir / heatmap_name, render_heatmap(pooled, pixels))
 
     notes = []
     if len(np.unique(stats.image_id)) != len(stats):
@@ -129,7 +136,7 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
         _table(cfg.experiment, fold_ids, per_fold, summary, pixels, models),
         *notes,
         f"best rule (pooled): {describe_best(best, pixels)}",
-        f"wrote {out_dir / runs.EVALUATION_JSON}, {runs.EVALUATION_IMAGES}, {runs.EVALUATION_HEATMAP}",
+        f"wrote {out_dir / json_name}, {images_name}, {heatmap_name}",
     ]))
 
 

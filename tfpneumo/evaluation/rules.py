@@ -139,7 +139,7 @@ def resize_prob(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def resolve_rule(experiment: str, workdir: str | Path = ".", overrides: dict[str, Any] | None = None,
-                 pixels: int | None = None) -> tuple[Rule, str]:
+                 pixels: int | None = None, weights: str = "auto") -> tuple[Rule, str]:
     """The rule to apply at images of ``pixels`` pixels, and where it came from
     (``"evaluation.json"``, ``"options"`` or both).
 
@@ -149,12 +149,15 @@ def resolve_rule(experiment: str, workdir: str | Path = ".", overrides: dict[str
     replace single values; an overriding ``min_area`` is already at ``pixels``. Without
     evaluation.json the kind is ``overrides["kind"]``, else label when label_threshold is
     given, else triplet (with ``top = bottom`` when no top is given: the plain rule).
+
+    ``weights`` other than auto read ``evaluation_<kind>.json``: a rule is only used on the
+    networks whose out-of-fold statistics chose it.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = set(overrides) - set(_FLAGS)
     if unknown:
         raise TfpneumoError(f"unknown rule option(s) {sorted(unknown)}; expected {list(_FLAGS)}")
-    path = runs.run_root(experiment, workdir) / runs.EVALUATION_JSON
+    path = runs.run_root(experiment, workdir) / runs.evaluation_names(weights)[0]
     base: dict[str, Any] = {}
     if path.is_file():
         best = _read_best(path)
@@ -163,6 +166,10 @@ def resolve_rule(experiment: str, workdir: str | Path = ".", overrides: dict[str
         if pixels is not None and isinstance(searched_on, int) and searched_on > 0:
             rule = rule.at_pixels(searched_on, pixels)
         base = {k: v for k, v in asdict(rule).items() if v is not None}
+    elif not overrides and weights != "auto":
+        raise TfpneumoError(f"{path} not found: the rule for --weights {weights} comes from "
+                            f"its own out-of-fold statistics; run tfpneumo evaluate --weights "
+                            f"{weights} (or give the whole rule as options)")
     elif not overrides:
         raise TfpneumoError(NO_RULE)
     merged = {**base, **overrides}
@@ -178,8 +185,8 @@ def resolve_rule(experiment: str, workdir: str | Path = ".", overrides: dict[str
         merged.pop("label_threshold", None)
     if "bottom" not in merged:
         raise TfpneumoError(f"{NO_RULE} (the {merged['kind']} rule is missing --bottom)")
-    source = ("evaluation.json" if base and not overrides else
-              "options" if not base else "evaluation.json + options")
+    source = (path.name if base and not overrides else
+              "options" if not base else f"{path.name} + options")
     return Rule(**merged), source
 
 

@@ -92,7 +92,7 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSp
         raise TfpneumoError("no DICOM files given")
     check_options(size, batch_size, scales)
     items = dicom_items(files)
-    decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size)
+    decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
                          hflip=hflip, scales=scales, workdir=workdir)
     out = Path(out)

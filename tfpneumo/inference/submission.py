@@ -153,7 +153,7 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     sample = resolve_sample(data, sample_submission)
     ids = read_sample_ids(sample)
     items = match_test_files(ids, data / "dicom-images-test")
-    decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size)
+    decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
                          hflip=hflip, scales=scales, workdir=workdir)
     bar = Progress(f"submit {out}", len(items), progress)

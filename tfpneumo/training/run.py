@@ -29,6 +29,19 @@ import keras  # noqa: E402
 from tfpneumo.training.callbacks import ImagePanels, LearningRateLogger, NaNLossError, RunState  # noqa: E402
 from tfpneumo.training.trainer import Runtime, Trainer, build_optimizer, resolve_runtime  # noqa: E402
 
+# A run "learned" when its network beats predicting every image empty by this much (Dice).
+LEARNED_MARGIN = 0.01
+
+
+def learning_verdict(best_oof_dice: float, empty: float) -> str | None:
+    """None when the run learned, else the plain sentence a user needs (and what to try)."""
+    if best_oof_dice >= empty + LEARNED_MARGIN:
+        return None
+    return (f"did not learn: the best out-of-fold Dice {best_oof_dice:.4f} does not beat "
+            f"predicting every image empty ({empty:.4f}) by {LEARNED_MARGIN}; try more steps "
+            "(train.epochs, train.steps_per_epoch), a lower optimizer.lr or a longer "
+            "optimizer.warmup_epochs, and look at the validation panels in TensorBoard")
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -37,9 +50,14 @@ class TrainResult:
     folds: list[dict]
 
     def __str__(self) -> str:
-        return "\n".join(f"fold {r['fold']}: best val Dice {r['best_val_dice']:.4f} (all-empty "
-                         f"baseline {r['empty_baseline']:.4f}) -> {r['run_dir']}"
-                         for r in self.folds)
+        lines = []
+        for r in self.folds:
+            lines.append(f"fold {r['fold']}: best val Dice {r['best_val_dice']:.4f}, out-of-fold "
+                         f"{r.get('best_oof_dice', float('nan')):.4f} ({r.get('oof_model', '?')}; "
+                         f"all-empty {r['empty_baseline']:.4f}) -> {r['run_dir']}")
+            if r.get("learning_note"):
+                lines.append(f"warning: fold {r['fold']} {r['learning_note']}")
+        return "\n".join(lines)
 
 
 def train(cfg: Config, folds: runs.FoldSpec = "all", workdir: Path = Path(".")) -> TrainResult:
@@ -237,41 +255,50 @@ def _panel_examples(val_ds, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _finish_stage(cfg: Config, fold: int, stage_dir: Path, net, state: RunState, swa, val_ds,
                   train_secs: float) -> dict:
-    """Saves final/best/SWA/top-k networks and the out-of-fold statistics of the chosen one."""
+    """Saves the final, best, top-k and SWA networks, each with its own out-of-fold statistics
+    (``oof_<kind>.npz``), and ``oof.npz`` of the one ``--weights auto`` picks: the averaged
+    network when there is one, so evaluate chooses the rule on the model submit uses."""
     from tfpneumo.data.pipeline import train_dataset
     from tfpneumo.evaluation.oof import dice_from_histograms, out_of_fold_statistics
     from tfpneumo.training.swa import apply_swa, average_checkpoints
 
     tcfg = cfg.train
+    by_kind: dict[str, dict] = {}
+
     def save(kind: str) -> None:
         with atomic_path(stage_dir / runs.NETWORKS[kind], keep_suffix=True) as tmp:
             net.save(tmp)
+        by_kind[kind] = out_of_fold_statistics(net, val_ds)
+        write_npz(stage_dir / runs.oof_name(kind), **by_kind[kind], fold=fold, model=kind)
 
     with atomic_path(stage_dir / runs.FINAL_WEIGHTS, keep_suffix=True) as tmp:
         net.save_weights(tmp)
     save("final")
-    selected = "final"
     if state.top:
         net.load_weights(stage_dir / runs.BEST_WEIGHTS)
         save("best")
-        selected = "best"
+    if len(state.top) > 1:
+        average_checkpoints(net, [stage_dir / runs.CHECKPOINTS / e["path"] for e in state.top])
+        save("topk")
     if swa is not None and swa.n > 0:
         bn_ds, _ = train_dataset(Path(cfg.data.cache), fold, cfg, epochs=tcfg.epochs,
                                  seed=cfg.seed + fold)
         apply_swa(net, swa.averaged_weights(), bn_ds, tcfg.swa_bn_steps)
         save("swa")
-        selected = "swa"
-    elif len(state.top) > 1:
-        average_checkpoints(net, [stage_dir / runs.CHECKPOINTS / e["path"] for e in state.top])
-        save("topk")
-    if selected != "swa":  # the OOF statistics describe the model evaluate/submit will use
-        net.load_weights(stage_dir / (runs.BEST_WEIGHTS if selected == "best" else runs.FINAL_WEIGHTS))
-    oof = out_of_fold_statistics(net, val_ds)
+    selected = runs.auto_kind(stage_dir)
+    oof = by_kind[selected]
     write_npz(stage_dir / runs.OOF, **oof, fold=fold, model=selected)
     empty = float(np.mean(oof["has_mask"] == 0))
     oof_dice = {f"{t:g}": dice_from_histograms(oof, t) for t in tcfg.val_thresholds}
     oof_dice.update({f"gated@{t:g}": dice_from_histograms(oof, t, 0.5)
                      for t in tcfg.val_thresholds})
+    # Whether the run learned: the best plain or head-gated rule on a coarse grid (the
+    # validation thresholds alone miss a mask that is only usable behind the head).
+    grid = np.round(np.arange(0.3, 0.81, 0.05), 2)
+    best_oof = max(dice_from_histograms(oof, t, gate) for t in grid for gate in (None, *grid))
+    note = learning_verdict(best_oof, empty)
+    if note:
+        print(f"warning: fold {fold} {note}", file=sys.stderr)
     result = {
         "fold": fold,
         "epochs": state.completed_epochs,
@@ -279,6 +306,9 @@ def _finish_stage(cfg: Config, fold: int, stage_dir: Path, net, state: RunState,
         "empty_baseline": empty,
         "oof_model": selected,
         "oof_dice_by_threshold": oof_dice,
+        "best_oof_dice": best_oof,
+        "learned": note is None,
+        "learning_note": note,
         "train_seconds": round(train_secs, 1),
     }
     write_json(stage_dir / runs.STAGE_RESULT, result)
