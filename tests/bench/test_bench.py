@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tfpneumo import bench
@@ -92,16 +93,44 @@ def test_threshold_figures_come_from_the_clock(monkeypatch):
 
 def test_threshold_default_grid_has_enough_triplets():
     result = threshold.bench_threshold(harness.Context(quick=True), images=200, repeats=1,
-                                   end_to_end=True)
+                                       end_to_end=True)
     assert result["triplets"] >= 1000  # the issue: >= 1,000 triplets
     check_spread(result["search_s"])
     check_spread(result["evaluate_s"])
 
 
+def test_evaluate_figures_come_from_the_clock(monkeypatch):
+    # after an untimed call each: search 2 and 1 s, then evaluate end to end 3 and 5 s
+    clock = FakeClock([0.0, 2.0, 0.0, 1.0, 0.0, 3.0, 0.0, 5.0], cpu=0.0)
+    monkeypatch.setattr(threshold, "time", clock)
+    result = threshold.bench_threshold(harness.Context(quick=True), images=200, repeats=2,
+                                       end_to_end=True)
+    assert result["search_s"] == {"median": 1.5, "min": 1.0, "max": 2.0, "n": 2}
+    assert result["evaluate_s"] == {"median": 4.0, "min": 3.0, "max": 5.0, "n": 2}
+    assert clock.k == 8 and result["folds"] == 5
+    rows = threshold.rows_threshold(result)
+    assert (rows[1].setting, rows[1].figure) == ("evaluate end to end, 5 folds", "4.00 s [3.00-5.00]")
+
+
+def test_fake_run_is_what_evaluate_reads(tmp_path):
+    """The fake fold folders give back the statistics exactly through the run layout's reader."""
+    from tfpneumo import runs
+    from tfpneumo.evaluation.oof import load_run_oof
+
+    stats = threshold.random_oof_stats(50, 64, folds=3)
+    assert threshold.write_fake_run(stats, tmp_path, "x") == [0, 1, 2]
+    assert runs.trained_folds("x", tmp_path) == [0, 1, 2]
+    back, models = load_run_oof("x", [0, 1, 2], tmp_path)
+    assert models == {0: "best", 1: "best", 2: "best"}
+    by_fold = stats.subset(np.argsort(stats.fold, kind="stable"))
+    for name in stats.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(back, name), getattr(by_fold, name), err_msg=name)
+
+
 def test_pipeline_section_tiny(tf):
     ctx = harness.Context(quick=True)
     result = pipeline.bench_pipeline(ctx, sizes=[64], settings=[(1, 1), (pipeline.AUTOTUNE, 2)],
-                                  images=16, batch=4, batches=2, repeats=2)
+                                     images=16, batch=4, batches=2, repeats=2)
     assert [(r["size"], r["npc"]) for r in result["rows"]] == [(64, 1), (64, -1)]
     for r in result["rows"]:
         assert "error" not in r, r.get("error")
@@ -116,7 +145,7 @@ def test_pipeline_section_tiny(tf):
 def test_service_section_tiny(tf):
     """In-process and 1 service worker at 64 px; the scaling needs both 1 and 2 workers."""
     result = service.bench_service(harness.Context(quick=True), size=64, workers=(0, 1), images=32,
-                                 batch=4, warmup=2, batches=2, repeats=2)
+                                   batch=4, warmup=2, batches=2, repeats=2)
     by_n = {r["workers"]: r for r in result["rows"]}
     assert set(by_n) == {0, 1} and not any("error" in r for r in result["rows"])
     for r in result["rows"]:
@@ -151,9 +180,23 @@ def test_pipeline_rates_are_images_over_measured_seconds(tf, monkeypatch, tmp_pa
     assert out["img_per_cpu_s"] == 6.0  # 6 images per 1 CPU-second (c1 - c0 = 1)
 
 
+def test_synthetic_cache_is_made_by_prepare(tf, tmp_path):
+    """synth's DICOMs through prepare_cache: a cache with its manifest, as training reads it."""
+    from tfpneumo.data.manifest import read_cache_info
+
+    cache = synthetic.synthetic_cache(tmp_path, 64, 8, shard_size=2)
+    info = read_cache_info(cache)
+    assert (info.size, info.folds, info.clahe) == (64, 2, False)
+    assert info.data_dir == (tmp_path / "dicoms").resolve()
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 8 and manifest["counts"]["skipped"] == 0
+    assert manifest["counts"]["positive"] >= 2  # 2 folds need 2 of each class
+    assert all(s["count"] <= 2 for s in manifest["shards"])
+
+
 def test_prepare_section_on_real_dicoms(tf, siim_mini):
     result = prepare.bench_prepare(harness.Context(quick=True, siim_mini=siim_mini), size=64,
-                                 workers=[1], repeats=1)
+                                   workers=[1], repeats=1)
     (row,) = result["rows"]
     assert row["images"] == 58  # 48 train + 10 test real DICOMs
     assert row["img_per_s"] == pytest.approx(58 / row["wall_s"]["median"])
