@@ -1,7 +1,8 @@
 """Speed of the out-of-fold rule search: the ``threshold`` section of ``tfpneumo.bench``.
 
-A wrapper with this script's old options; the logic is in :func:`tfpneumo.bench.bench_threshold`
-(random OOF statistics, ``search`` pooled and ``evaluate`` end to end over 5 fake folds).
+A wrapper with this script's old options; the logic is in
+:func:`tfpneumo.bench.threshold.bench_threshold` (random OOF statistics, ``search`` pooled and
+``evaluate`` end to end over 5 fake folds).
 Target: the full search under 5 s for 12,000 images x 1,000 triplets.
 
     python scripts/bench_evaluate.py

@@ -1,6 +1,8 @@
 """Throughput of the training input pipeline: the ``pipeline`` section of ``tfpneumo.bench``.
 
-A wrapper with this script's old options; the logic is in :func:`tfpneumo.bench.bench_pipeline`.
+A wrapper with this script's old options; the logic is in
+:func:`tfpneumo.bench.pipeline.bench_pipeline` (on a cache that ``tfpneumo prepare``'s code makes
+of synthetic DICOMs).
 
     python scripts/bench_pipeline.py                    # 256, 512 and 1024, 200 images each
     python scripts/bench_pipeline.py --sizes 512 --images 100 --batches 20

@@ -1,7 +1,8 @@
 """Training speed (images/s) of the real network: the ``train`` section of ``tfpneumo.bench``.
 
 A wrapper with this script's old options; the logic (each setting in its own process, compile
-time, median of timed windows, images per CPU-second) is in :func:`tfpneumo.bench.train_case`.
+time, median of timed windows, images per CPU-second) is in
+:func:`tfpneumo.bench.train.train_case`.
 
     python scripts/bench_train.py --quick    # 256 px, batch 4, float32/bf16, XLA off
     python scripts/bench_train.py --out bench_train.json  # 256x4 256x8 512x4, XLA off/on

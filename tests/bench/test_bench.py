@@ -1,7 +1,8 @@
 """tfpneumo.bench: sections at tiny sizes, the report's JSON and table, failing sections.
 
 The full benchmark is never run here (it takes minutes); each section function is run with
-tiny parameters, and the report machinery with cheap sections.
+tiny parameters, and the report machinery with cheap sections. Clocks are faked in the module
+whose code reads them (``threshold.time``, ``pipeline.time``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,21 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tfpneumo import bench
+from tfpneumo.bench import (
+    harness,
+    inference,
+    pipeline,
+    prepare,
+    report,
+    service,
+    synthetic,
+    threshold,
+    train,
+)
 
 
 def positive_finite(x) -> bool:
@@ -26,7 +39,7 @@ def check_spread(s: dict) -> None:
 
 
 class FakeClock:
-    """Stands in for the ``time`` module in bench: each perf_counter call advances by the next
+    """Stands in for the ``time`` module of a bench module: each perf_counter call advances by the next
     of ``walls`` (cycled), each process_time call by ``cpu``."""
 
     def __init__(self, walls: list[float], cpu: float) -> None:
@@ -43,68 +56,96 @@ class FakeClock:
 
 
 def test_helpers():
-    assert bench.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
-    assert bench.rate(10, 4.0) == 2.5 and bench.rate(10, 0.0) is None
+    assert harness.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert harness.rate(10, 4.0) == 2.5 and harness.rate(10, 0.0) is None
     tf_like = RuntimeError("Graph execution error:\n\nDetected at node x defined at:\nFile \"a.py\"\n"
                            "UNIMPLEMENTED: bf16 dot not supported\n\t [[{{node y}}]]")
-    assert bench.error_line(tf_like) == "RuntimeError: UNIMPLEMENTED: bf16 dot not supported"
-    assert bench.error_line(ValueError("bad value\nsecond line")) == "ValueError: bad value"
-    assert bench.error_line(KeyError()) == "KeyError"
-    assert bench.resolve_precision("mixed", gpu=False) == "mixed_bfloat16"
-    assert bench.resolve_precision("mixed", gpu=True) == "mixed_float16"
-    assert bench.resolve_precision("float32", gpu=True) == "float32"
-    info = bench.machine_info()
+    assert harness.error_line(tf_like) == "RuntimeError: UNIMPLEMENTED: bf16 dot not supported"
+    assert harness.error_line(ValueError("bad value\nsecond line")) == "ValueError: bad value"
+    assert harness.error_line(KeyError()) == "KeyError"
+    assert train.resolve_precision("mixed", gpu=False) == "mixed_bfloat16"
+    assert train.resolve_precision("mixed", gpu=True) == "mixed_float16"
+    assert train.resolve_precision("float32", gpu=True) == "float32"
+    info = harness.machine_info()
     assert info["cores"] >= 1 and info["cpu"] and info["tensorflow"] and info["keras"]
 
 
 def test_resolve_siim_mini(monkeypatch, tmp_path):
     monkeypatch.delenv("TFPNEUMO_SIIM", raising=False)
-    beside = Path(bench.__file__).resolve().parents[3] / "shared" / "siim" / "siim-mini"
+    beside = Path(harness.__file__).resolve().parents[3] / "shared" / "siim" / "siim-mini"
     expected = beside if beside.is_dir() else Path("../shared/siim/siim-mini")
-    assert bench.resolve_siim_mini(None) == expected
+    assert harness.resolve_siim_mini(None) == expected
     monkeypatch.setenv("TFPNEUMO_SIIM", str(tmp_path))
-    assert bench.resolve_siim_mini(None) == tmp_path / "siim-mini"
-    assert bench.resolve_siim_mini(tmp_path / "x") == tmp_path / "x"
+    assert harness.resolve_siim_mini(None) == tmp_path / "siim-mini"
+    assert harness.resolve_siim_mini(tmp_path / "x") == tmp_path / "x"
 
 
 def test_threshold_figures_come_from_the_clock(monkeypatch):
     # search calls perf_counter twice per repeat: durations 2, 1, 4 s -> median 2, min 1, max 4
-    monkeypatch.setattr(bench, "time", FakeClock([0.0, 2.0, 0.0, 1.0, 0.0, 4.0], cpu=0.0))
-    ctx = bench.Context(quick=True)
-    result = bench.bench_threshold(ctx, images=300, repeats=3, end_to_end=False)
+    monkeypatch.setattr(threshold, "time", FakeClock([0.0, 2.0, 0.0, 1.0, 0.0, 4.0], cpu=0.0))
+    ctx = harness.Context(quick=True)
+    result = threshold.bench_threshold(ctx, images=300, repeats=3, end_to_end=False)
     assert result["search_s"] == {"median": 2.0, "min": 1.0, "max": 4.0, "n": 3}
     assert result["images"] == 300 and result["triplets"] > 0
-    rows = bench.rows_threshold(result)
+    rows = threshold.rows_threshold(result)
     assert rows[0].figure == "2.000 s [1.000-4.000]" and "target < 5 s: met" in rows[0].note
 
 
 def test_threshold_default_grid_has_enough_triplets():
-    result = bench.bench_threshold(bench.Context(quick=True), images=200, repeats=1,
-                                   end_to_end=True)
+    result = threshold.bench_threshold(harness.Context(quick=True), images=200, repeats=1,
+                                       end_to_end=True)
     assert result["triplets"] >= 1000  # the issue: >= 1,000 triplets
     check_spread(result["search_s"])
     check_spread(result["evaluate_s"])
 
 
+def test_evaluate_figures_come_from_the_clock(monkeypatch):
+    # after an untimed call each: search 2 and 1 s, then evaluate end to end 3 and 5 s
+    clock = FakeClock([0.0, 2.0, 0.0, 1.0, 0.0, 3.0, 0.0, 5.0], cpu=0.0)
+    monkeypatch.setattr(threshold, "time", clock)
+    result = threshold.bench_threshold(harness.Context(quick=True), images=200, repeats=2,
+                                       end_to_end=True)
+    assert result["search_s"] == {"median": 1.5, "min": 1.0, "max": 2.0, "n": 2}
+    assert result["evaluate_s"] == {"median": 4.0, "min": 3.0, "max": 5.0, "n": 2}
+    assert clock.k == 8 and result["folds"] == 5
+    rows = threshold.rows_threshold(result)
+    assert (rows[1].setting, rows[1].figure) == ("evaluate end to end, 5 folds", "4.00 s [3.00-5.00]")
+
+
+def test_fake_run_is_what_evaluate_reads(tmp_path):
+    """The fake fold folders give back the statistics exactly through the run layout's reader."""
+    from tfpneumo import runs
+    from tfpneumo.evaluation.oof import load_run_oof
+
+    stats = threshold.random_oof_stats(50, 64, folds=3)
+    assert threshold.write_fake_run(stats, tmp_path, "x") == [0, 1, 2]
+    assert runs.trained_folds("x", tmp_path) == [0, 1, 2]
+    back, models = load_run_oof("x", [0, 1, 2], tmp_path)
+    assert models == {0: "best", 1: "best", 2: "best"}
+    by_fold = stats.subset(np.argsort(stats.fold, kind="stable"))
+    for name in stats.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(back, name), getattr(by_fold, name), err_msg=name)
+
+
 def test_pipeline_section_tiny(tf):
-    ctx = bench.Context(quick=True)
-    result = bench.bench_pipeline(ctx, sizes=[64], settings=[(1, 1), (bench.AUTOTUNE, 2)],
-                                  images=16, batch=4, batches=2, repeats=2)
+    ctx = harness.Context(quick=True)
+    result = pipeline.bench_pipeline(ctx, sizes=[64], settings=[(1, 1), (pipeline.AUTOTUNE, 2)],
+                                     images=16, batch=4, batches=2, repeats=2)
     assert [(r["size"], r["npc"]) for r in result["rows"]] == [(64, 1), (64, -1)]
     for r in result["rows"]:
         assert "error" not in r, r.get("error")
         check_spread(r["img_per_s"])
         assert positive_finite(r["img_per_cpu_s"]) and r["images_per_run"] == 8
     assert result["device"]
-    rows = bench.rows_pipeline(result)
+    rows = pipeline.rows_pipeline(result)
     first = result["rows"][0]["img_per_s"]
     assert len(rows) == 2 and rows[0].figure.endswith(f"img/s [{first['min']:.0f}-{first['max']:.0f}]")
 
 
 def test_service_section_tiny(tf):
     """In-process and 1 service worker at 64 px; the scaling needs both 1 and 2 workers."""
-    result = bench.bench_service(bench.Context(quick=True), size=64, workers=(0, 1), images=32,
-                                 batch=4, warmup=2, batches=2, repeats=2)
+    result = service.bench_service(harness.Context(quick=True), size=64, workers=(0, 1), images=32,
+                                   batch=4, warmup=2, batches=2, repeats=2)
     by_n = {r["workers"]: r for r in result["rows"]}
     assert set(by_n) == {0, 1} and not any("error" in r for r in result["rows"])
     for r in result["rows"]:
@@ -113,7 +154,7 @@ def test_service_section_tiny(tf):
     assert by_n[0]["worker_cpu_ms_per_img"] is None
     assert positive_finite(by_n[1]["worker_cpu_ms_per_img"])  # read from /proc of the worker
     assert result["scaling_1_to_2"] is None
-    rows = bench.rows_service(result)
+    rows = service.rows_service(result)
     assert "in this process" in rows[0].setting and "1 worker" in rows[1].setting
 
 
@@ -123,44 +164,58 @@ def test_service_rows_scaling_from_medians():
                 "reader_cpu_ms_per_img": 2.0, "worker_cpu_ms_per_img": 15.0 if n else None}
 
     result = {"size": 512, "rows": [row(0, 40.0), row(1, 60.0), row(2, 105.0)],
-              "scaling_1_to_2": 105.0 / 60.0, "target_scaling": bench.SERVICE_TARGET_SCALING}
-    rows = bench.rows_service(result)
+              "scaling_1_to_2": 105.0 / 60.0, "target_scaling": service.SERVICE_TARGET_SCALING}
+    rows = service.rows_service(result)
     assert "1.75x from 1 to 2 workers" in rows[2].note and "NOT met" in rows[2].note
     result["scaling_1_to_2"] = 1.9
-    assert "(target 1.8x: met)" in bench.rows_service(result)[2].note
+    assert "(target 1.8x: met)" in service.rows_service(result)[2].note
 
 
 def test_pipeline_rates_are_images_over_measured_seconds(tf, monkeypatch, tmp_path):
-    bench.build_synthetic_cache(tmp_path / "c", 64, 8)
+    cache = synthetic.synthetic_cache(tmp_path, 64, 8)
     # each timed run: perf_counter at start and end, 0.5 s apart; CPU 2 s per run
-    monkeypatch.setattr(bench, "time", FakeClock([0.5], cpu=1.0))
-    out = bench.time_pipeline(tmp_path / "c", 64, 1, 1, batch=2, batches=3, repeats=2)
+    monkeypatch.setattr(pipeline, "time", FakeClock([0.5], cpu=1.0))
+    out = pipeline.time_pipeline(cache, 64, 1, 1, batch=2, batches=3, repeats=2)
     assert out["img_per_s"] == {"median": 12.0, "min": 12.0, "max": 12.0, "n": 2}  # 6 / 0.5
     assert out["img_per_cpu_s"] == 6.0  # 6 images per 1 CPU-second (c1 - c0 = 1)
 
 
+def test_synthetic_cache_is_made_by_prepare(tf, tmp_path):
+    """synth's DICOMs through prepare_cache: a cache with its manifest, as training reads it."""
+    from tfpneumo.data.manifest import read_cache_info
+
+    cache = synthetic.synthetic_cache(tmp_path, 64, 8, shard_size=2)
+    info = read_cache_info(cache)
+    assert (info.size, info.folds, info.clahe) == (64, 2, False)
+    assert info.data_dir == (tmp_path / "dicoms").resolve()
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 8 and manifest["counts"]["skipped"] == 0
+    assert manifest["counts"]["positive"] >= 2  # 2 folds need 2 of each class
+    assert all(s["count"] <= 2 for s in manifest["shards"])
+
+
 def test_prepare_section_on_real_dicoms(tf, siim_mini):
-    result = bench.bench_prepare(bench.Context(quick=True, siim_mini=siim_mini), size=64,
-                                 workers=[1], repeats=1)
+    result = prepare.bench_prepare(harness.Context(quick=True, siim_mini=siim_mini), size=64,
+                                   workers=[1], repeats=1)
     (row,) = result["rows"]
     assert row["images"] == 58  # 48 train + 10 test real DICOMs
     assert row["img_per_s"] == pytest.approx(58 / row["wall_s"]["median"])
     assert positive_finite(row["steady_img_per_s_per_worker"])
-    assert "58 DICOMs 1024 -> 64 cache, 1 worker" in bench.rows_prepare(result)[0].setting
+    assert "58 DICOMs 1024 -> 64 cache, 1 worker" in prepare.rows_prepare(result)[0].setting
 
 
 def test_prepare_without_data_is_skipped(tmp_path):
-    out = bench.run_section("prepare", bench.Context(True, tmp_path / "nope"))
+    out = harness.run_section("prepare", harness.Context(True, tmp_path / "nope"))
     assert out["status"] == "skipped" and "nope" in out["reason"]
 
 
 def test_inference_section_tiny(tf):
-    result = bench.bench_inference(bench.Context(quick=True), cases=[(64, 1, True, 1, 2)])
+    result = inference.bench_inference(harness.Context(quick=True), cases=[(64, 1, True, 1, 2)])
     (row,) = result["rows"]
     assert "error" not in row, row.get("error")
     check_spread(row["img_per_s"])
     assert row["images"] == 2 and positive_finite(row["first_call_s"])
-    assert bench.rows_inference(result)[0].setting == "64 px x1, hflip TTA"
+    assert inference.rows_inference(result)[0].setting == "64 px x1, hflip TTA"
 
 
 def fake_report() -> dict:
@@ -182,24 +237,24 @@ def fake_report() -> dict:
         {"size": 256, "npc": -1, "threads": 2, "batch": 8,
          "img_per_s": {"median": 100.0, "min": 90.0, "max": 110.0, "n": 3}, "img_per_cpu_s": 50.0},
     ]
-    return {"machine": bench.machine_info(), "quick": True, "wall_s": 12.0, "sections": {
+    return {"machine": harness.machine_info(), "quick": True, "wall_s": 12.0, "sections": {
         "pipeline": {"status": "ok", "result": {"rows": pipe_rows}, "seconds": 3.0,
                      "peak_rss_mb": 1000.0, "children_peak_rss_mb": None},
         "train": {"status": "ok", "result": {"rows": train_rows,
-                                             "reference": bench.PYTORCH_REFERENCE},
+                                             "reference": train.PYTORCH_REFERENCE},
                   "seconds": 5.0, "peak_rss_mb": 40.0, "children_peak_rss_mb": 1600.0},
         "threshold": {"status": "error", "error": "ValueError: broken", "seconds": 1.0},
     }}
 
 
 def test_starvation_ratio_and_table():
-    report = fake_report()
-    (s,) = bench.starvation(report["sections"])
+    made = fake_report()
+    (s,) = report.starvation(made["sections"])
     assert s["size"] == 256 and s["ratio"] == pytest.approx(100.0 / 4.0)  # fastest vs fastest
-    assert s["cpu_share"] == pytest.approx(4.0 / 50.0 / bench.cores())
+    assert s["cpu_share"] == pytest.approx(4.0 / 50.0 / harness.cores())
     assert s["train_setting"] == "256x4 mixed_bfloat16 XLA off"
-    report["starvation"] = [s]
-    table = bench.render_table(report)
+    made["starvation"] = [s]
+    table = report.render_table(made)
     assert "25.0x" in table and "pipeline / train step at 256 px" in table
     assert "InternalError: no bf16 here" in table  # a failed setting is a row
     assert "ValueError: broken" in table  # a failed section is a row
@@ -210,11 +265,11 @@ def test_starvation_ratio_and_table():
 
 
 def test_starvation_needs_a_common_size():
-    report = fake_report()
-    for r in report["sections"]["pipeline"]["result"]["rows"]:
+    made = fake_report()
+    for r in made["sections"]["pipeline"]["result"]["rows"]:
         r["size"] = 512
-    assert bench.starvation(report["sections"]) == []
-    rows = bench.rows_starvation([], report["sections"])
+    assert report.starvation(made["sections"]) == []
+    rows = report.rows_starvation([], made["sections"])
     assert rows[0].figure == "n/a" and "no image size" in rows[0].note
 
 
@@ -222,24 +277,24 @@ def test_failing_section_does_not_stop_the_rest(monkeypatch, tmp_path, capsys):
     def boom(ctx):
         raise RuntimeError("boom here\nsecond line")
 
-    monkeypatch.setitem(bench.SECTIONS, "boom", bench.Section("boom", boom, lambda r: []))
-    report = bench.run_bench(tmp_path / "r.json", True, tmp_path / "none", ["boom", "threshold"],
-                             params={"threshold": {"images": 200, "repeats": 1,
-                                                   "end_to_end": False}}, isolate=False)
+    monkeypatch.setitem(harness.SECTIONS, "boom", harness.Section("boom", boom, lambda r: []))
+    made = bench.run_bench(tmp_path / "r.json", True, tmp_path / "none", ["boom", "threshold"],
+                           params={"threshold": {"images": 200, "repeats": 1,
+                                                 "end_to_end": False}}, isolate=False)
     printed = capsys.readouterr().out
-    boom_entry = report["sections"]["boom"]
+    boom_entry = made["sections"]["boom"]
     assert (boom_entry["status"], boom_entry["error"]) == ("error", "RuntimeError: boom here")
-    assert report["sections"]["threshold"]["status"] == "ok"
+    assert made["sections"]["threshold"]["status"] == "ok"
     assert "RuntimeError: boom here" in printed and "second line" not in printed
     assert "search, 200 images" in printed
-    assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]
+    assert json.loads((tmp_path / "r.json").read_text())["table"] == made["table"]
 
 
 def test_run_bench_in_subprocesses(tmp_path):
     out = tmp_path / "bench.json"
-    report = bench.run_bench(out, True, tmp_path / "missing", ["threshold", "prepare"],
-                             params={"threshold": {"images": 300, "repeats": 2,
-                                                   "end_to_end": False}})
+    made = bench.run_bench(out, True, tmp_path / "missing", ["threshold", "prepare"],
+                           params={"threshold": {"images": 300, "repeats": 2,
+                                                 "end_to_end": False}})
     data = json.loads(out.read_text())
     assert set(data) >= {"machine", "quick", "wall_s", "sections", "starvation", "table"}
     assert data["machine"]["cores"] >= 1 and data["machine"]["tensorflow"]
@@ -248,11 +303,11 @@ def test_run_bench_in_subprocesses(tmp_path):
     check_spread(thr["result"]["search_s"])
     assert positive_finite(thr["peak_rss_mb"]) and positive_finite(thr["seconds"])
     assert prep["status"] == "skipped" and "missing" in prep["reason"]
-    assert "skipped" in report["table"] and "threshold" in report["table"]
+    assert "skipped" in made["table"] and "threshold" in made["table"]
 
 
 def test_child_that_dies_is_an_error():
-    out = bench.run_child(["--section", "no-such-section"], timeout=60)
+    out = harness.run_child(["--section", "no-such-section"], timeout=60)
     assert out["status"] == "error" and out["error"].startswith("process exited with 2")
 
 

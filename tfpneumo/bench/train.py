@@ -1,0 +1,177 @@
+"""The ``train`` section: images/s of the train step, each setting in its own process."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from tfpneumo.bench.harness import (
+    SECTION_TIMEOUT_S,
+    Context,
+    Row,
+    device_name,
+    error_line,
+    progress,
+    rate,
+    run_child,
+    span,
+    spread,
+)
+from tfpneumo.bench.synthetic import base_model_config
+
+PYTORCH_REFERENCE = {"size": 256, "batch": 4, "precision": "float32", "img_per_s": 3.8,
+                     "text": "PyTorch UNet-ResNet34 ~3.8 img/s here (GUIDE.md), same layout"}
+TRAIN_FULL_CASES = ((256, 4), (256, 8), (512, 4))
+
+
+def random_batch(size: int, batch: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """``(x, y)``: x ``(B, S, S, 3) float32`` ~N(0, 1) (ImageNet-normalised range), y with
+    ``mask (B, S, S, 1)`` rectangles on every other image and ``label (B, 1)``, float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    mask = np.zeros((batch, size, size, 1), np.float32)
+    for i in range(0, batch, 2):
+        top, left = rng.integers(0, size // 2, 2)
+        mask[i, top:top + size // 4, left:left + size // 6] = 1.0
+    return x, {"mask": mask, "label": mask.max(axis=(1, 2))}
+
+
+def resolve_precision(precision: str, gpu: bool) -> str:
+    """``mixed`` -> mixed_float16 on a GPU, mixed_bfloat16 on a CPU; other names unchanged."""
+    if precision == "mixed":
+        return "mixed_float16" if gpu else "mixed_bfloat16"
+    return precision
+
+
+# The PyTorch reference's layout (GUIDE.md): UNet-ResNet34 without attention or skip dropout,
+# BCE on the mask of every image and on the label, AdamW.
+REFERENCE_OVERRIDES = ["model.attention=none", "model.skip_dropout=0", "loss.mask=bce",
+                       "loss.mask_positives_only=false"]
+
+
+def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
+               windows: int = 3, steps: int | None = None, seed: int = 0,
+               layout: str = "base") -> dict:
+    """Images/s of ``Trainer.fit`` for one setting (run it in a fresh process).
+
+    The network of the base config (``layout="base"``, random encoder weights), its loss and
+    optimizer, or the PyTorch reference's layout (``"reference"``), on an in-memory batch
+    repeated (no input cost). The first step traces and compiles (``compile_s``); a second
+    sizes the windows (``steps`` optimizer steps, else as many as take about ``seconds``);
+    then, in one ``fit`` call, a warm step and ``windows`` windows: their median, min and max
+    images/s and images per process CPU-second. ``{"error": ...}`` when it does not run here.
+    """
+    from tfpneumo.tfimport import quiet_tensorflow
+
+    tf = quiet_tensorflow()
+    import keras
+
+    from tfpneumo.config import load_config
+    from tfpneumo.models.unet import build_model, encoder_layers
+    from tfpneumo.training.losses import build_losses
+    from tfpneumo.training.trainer import Trainer, build_optimizer
+
+    precision = resolve_precision(precision, bool(tf.config.list_physical_devices("GPU")))
+    row: dict = {"size": size, "batch": batch, "precision": precision, "xla": xla,
+                 "layout": layout, "device": device_name()}
+    try:
+        keras.utils.set_random_seed(seed)
+        keras.mixed_precision.set_global_policy(precision)
+        # the base config's network, optimizer and loss, or the PyTorch reference's layout
+        cfg = load_config(None, REFERENCE_OVERRIDES if layout == "reference" else [])
+        net = build_model(base_model_config(cfg))
+        trainer = Trainer(net, accumulation_steps=1)
+        encoder_paths = {v.path for layer in encoder_layers(net) for v in layer.weights}
+        optimizer = build_optimizer(cfg, cfg.optimizer.lr, encoder_paths, precision)
+        losses, loss_weights = build_losses(cfg.loss)
+        trainer.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights, jit_compile=xla)
+        ds = tf.data.Dataset.from_tensors(random_batch(size, batch, seed)).repeat()
+
+        class Clock(keras.callbacks.Callback):
+            """Wall and process CPU time at the end of every step."""
+
+            def on_train_batch_end(self, batch, logs=None):
+                marks.append((time.perf_counter(), time.process_time()))
+
+        def run(n: int) -> None:
+            history = trainer.fit(ds, epochs=1, steps_per_epoch=n, verbose=0, shuffle=False,
+                                  callbacks=[Clock()])
+            loss = history.history["loss"][-1]
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss {loss}")
+
+        marks: list[tuple[float, float]] = []
+        t0 = time.perf_counter()
+        run(2)  # traces and optimises (and XLA-compiles) the step, then one warm step
+        row["compile_s"] = marks[0][0] - t0
+        n = steps or max(1, round(seconds / (marks[1][0] - marks[0][0])))
+        # One fit call for every window: Keras' per-call start-up is not a training cost.
+        marks.clear()
+        run(1 + n * windows)
+        bounds = marks[::n]  # after the warm step, then after each window of n steps
+        walls = [b[0] - a[0] for a, b in zip(bounds, bounds[1:], strict=False)]
+        cpus = [b[1] - a[1] for a, b in zip(bounds, bounds[1:], strict=False)]
+        row.update(img_per_s=spread([n * batch / wall for wall in walls]),
+                   img_per_cpu_s=rate(n * batch, statistics.median(cpus)),
+                   steps=n, windows=windows)
+    except Exception as e:  # a setting that does not run here is a result, not a crash
+        row["error"] = error_line(e)
+    return row
+
+
+def bench_train(ctx: Context, *, cases: Sequence[Sequence[int]] | None = None,
+                precisions: Sequence[str] | None = None, xla: Sequence[bool] | None = None,
+                seconds: float | None = None, windows: int | None = None,
+                steps: int | None = None, layouts: Sequence[str] | None = None) -> dict:
+    """:func:`train_case` for every (size x batch, layout, precision, XLA) setting, each in its
+    own process, plus the PyTorch reference's setting (256x4, reference layout, float32).
+    Quick: 256x4 base layout float32 and mixed (bf16 on CPU), XLA off, 3 windows of ~2 s.
+    Full: 256x4, 256x8, 512x4 x float32/mixed x XLA off/on, 5 windows of ~10 s."""
+    cases = [tuple(c) for c in cases] if cases else ([(256, 4)] if ctx.quick else list(TRAIN_FULL_CASES))
+    precisions = list(precisions or ("float32", "mixed"))
+    xla = [bool(x) for x in xla] if xla is not None else ([False] if ctx.quick else [False, True])
+    seconds = seconds or (2.0 if ctx.quick else 10.0)
+    windows = windows or (3 if ctx.quick else 5)
+    settings = [(size, batch, layout, precision, jit) for size, batch in cases
+                for layout in (layouts or ("base",)) for precision in precisions for jit in xla]
+    ref = (PYTORCH_REFERENCE["size"], PYTORCH_REFERENCE["batch"], "reference", "float32", False)
+    if layouts is None and ref not in settings:
+        settings.insert(0, ref)
+    rows = []
+    for size, batch, layout, precision, jit in settings:
+        spec = {"size": size, "batch": batch, "precision": precision, "xla": jit,
+                "seconds": seconds, "windows": windows, "steps": steps, "layout": layout}
+        row = run_child(["--case", json.dumps(spec)], SECTION_TIMEOUT_S[ctx.quick])
+        if row.get("status") == "error":  # the process died: no row of its own
+            row = {**spec, "error": row["error"]}
+        rows.append(row)
+        done = (f"{row['img_per_s']['median']:.2f} img/s" if "error" not in row
+                else f"failed: {row['error']}")
+        progress(f"train {size}x{batch} {layout} {row['precision']} XLA {'on' if jit else 'off'}: "
+                 f"{done}")
+    return {"rows": rows, "reference": PYTORCH_REFERENCE,
+            "device": next((r["device"] for r in rows if "device" in r), None)}
+
+
+def rows_train(result: dict) -> list[Row]:
+    ref = result.get("reference", PYTORCH_REFERENCE)
+    out = []
+    for r in result["rows"]:
+        layout = r.get("layout", "base")
+        setting = (f"{r['size']} px x{r['batch']}, {layout} layout, {r['precision']}, "
+                   f"XLA {'on' if r['xla'] else 'off'}")
+        if "error" in r:
+            out.append(Row(setting, "failed", r["error"], r.get("peak_rss_mb")))
+            continue
+        s, per_cpu = r["img_per_s"], r["img_per_cpu_s"]
+        note = (f"{per_cpu:.2f} img/CPU-s; " if per_cpu else "") + f"compile {r['compile_s']:.0f} s"
+        if (r["size"], r["batch"], layout, r["precision"]) == (ref["size"], ref["batch"], "reference",
+                                                                ref["precision"]):
+            note += f"; {s['median'] / ref['img_per_s']:.2f}x the ref: {ref['text']}"
+        out.append(Row(setting, f"{s['median']:.2f} img/s{span(s, '.2f')}", note,
+                       r.get("peak_rss_mb")))
+    return out
