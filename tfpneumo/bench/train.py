@@ -29,10 +29,10 @@ TRAIN_FULL_CASES = ((256, 4), (256, 8), (512, 4))
 
 
 def random_batch(size: int, batch: int, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """``(x, y)``: x ``(B, S, S, 3) float32`` ~N(0, 1) (ImageNet-normalised range), y with
-    ``mask (B, S, S, 1)`` rectangles on every other image and ``label (B, 1)``, float32."""
+    """``(x, y)``: x ``(B, S, S, 1) float32`` grey pixels in [0, 255] (what the model takes),
+    y with ``mask (B, S, S, 1)`` rectangles on every other image and ``label (B, 1)``."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    x = rng.integers(0, 256, size=(batch, size, size, 1)).astype(np.float32)
     mask = np.zeros((batch, size, size, 1), np.float32)
     for i in range(0, batch, 2):
         top, left = rng.integers(0, size // 2, 2)
