@@ -120,9 +120,13 @@ class ModelConfig:
     head_dropout: float = 0.5
     head_pool: Literal["avg", "avgmax"] = "avg"
     bn_momentum: float = 0.99
+    # Initial probability of the mask output (its bias is log(p / (1 - p)), RetinaNet's prior
+    # initialisation); 0.5 is a zero bias.
+    mask_prior: float = 0.5
 
     def validate(self, prefix: str) -> None:
         _check(0.0 < self.bn_momentum < 1.0, prefix, "bn_momentum", "must be in (0, 1)")
+        _check(0.0 < self.mask_prior < 1.0, prefix, "mask_prior", "must be in (0, 1)")
         _check(len(self.decoder_filters) == 5 and all(f > 0 for f in self.decoder_filters),
                prefix, "decoder_filters", "must be 5 positive integers")
         _check(0.0 <= self.skip_dropout < 1.0, prefix, "skip_dropout", "must be in [0, 1)")

@@ -366,3 +366,17 @@ def test_imagenet_from_cache(unet, model18, monkeypatch, tmp_path):
     for name in want:
         for a, b in zip(got[name], want[name], strict=True):
             np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_mask_prior_sets_the_initial_bias(unet):
+    """RetinaNet's prior initialisation: bias log(p / (1 - p)); 0.5 is a zero bias."""
+    import math
+
+    (bias,) = [w for w in unet.build_model(cfg(encoder="resnet18", mask_prior=0.01))
+               .get_layer("mask_logits").get_weights()[1:]]
+    np.testing.assert_allclose(bias, [math.log(0.01 / 0.99)], rtol=1e-6)
+    assert unet.build_model(cfg(encoder="resnet18")).get_layer("mask_logits").get_weights()[1] == 0
+    with pytest.raises(TfpneumoError, match="mask_prior"):
+        from tfpneumo.config import load_config
+
+        load_config(None, ["model.mask_prior=1.0"])

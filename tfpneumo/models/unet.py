@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -346,7 +347,9 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 1)) -> ke
     skips = [backbone.get_layer(name).output for name in taps] + [None]
     for stage, (filters, skip) in enumerate(zip(cfg.decoder_filters, skips, strict=True)):
         x = _decoder_stage(x, skip, filters, stage, cfg)
-    x = layers.Conv2D(1, 1, name="mask_logits")(x)
+    prior = math.log(cfg.mask_prior / (1.0 - cfg.mask_prior))
+    x = layers.Conv2D(1, 1, name="mask_logits",
+                      bias_initializer=keras.initializers.Constant(prior))(x)
     mask = layers.Activation("sigmoid", dtype="float32", name="mask")(x)
     model = keras.Model(image, {"mask": mask, "label": label}, name=f"unet_{cfg.encoder}")
     for layer in model.layers:  # sm's 0.99 needs thousands of steps; short runs want less
