@@ -30,7 +30,8 @@ SCRIPTS = Path(__file__).resolve().parent
 N_TRAIN, N_TEST, DICOM_SIZE, DATA_SEED = 200, 4, 256, 7
 
 
-def make_data(look: str, root: Path, cfg, n_train: int) -> tuple[Path, Path]:
+def make_data(look: str, root: Path, cfg, n_train: int,
+              masks_from: Path | None = None) -> tuple[Path, Path]:
     from tfpneumo.config import replace
     from tfpneumo.data.prepare import prepare_cache
     from tfpneumo.data.synth import synthesize
@@ -38,6 +39,8 @@ def make_data(look: str, root: Path, cfg, n_train: int) -> tuple[Path, Path]:
     data, cache = root / "data", root / "cache"
     if not (data / "train-rle.csv").exists():
         kwargs = {} if look == "standard" else {"look": look}
+        if masks_from is not None:
+            kwargs["masks_from"] = masks_from
         synthesize(data, n_train=n_train, n_test=N_TEST, size=DICOM_SIZE, seed=DATA_SEED, **kwargs)
     prepare_cache(data, cache, replace(cfg, prepare={"size": cfg.data.image_size}), progress=False)
     return data, cache
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override key=value (repeatable)")
     ap.add_argument("--n-train", type=int, default=N_TRAIN)
+    ap.add_argument("--masks-from", type=Path, default=None,
+                    help="SIIM label CSV: real pneumothorax shapes instead of procedural ones")
     ap.add_argument("--twin", action="store_true", help="also train the PyTorch twin")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         root = (args.out / look).resolve()
         base = load_config(find_config(args.config), [*args.overrides, f"data.cache={root / 'cache'}",
                                                        "train.tensorboard_images=0"])
-        data, cache = make_data(look, root, base, args.n_train)
+        data, cache = make_data(look, root, base, args.n_train, args.masks_from)
         for seed in (int(s) for s in args.seeds.split(",")):
             cfg = load_config(find_config(args.config), [
                 *args.overrides, f"data.cache={cache}", "train.tensorboard_images=0",
