@@ -12,8 +12,9 @@ import pytest
 
 from tfpneumo.config import Config, PrepareConfig
 from tfpneumo.data import records, rle
+from tfpneumo.data.folds import FoldError, assign_folds
 from tfpneumo.data.labels import LabelError
-from tfpneumo.data.prepare import PrepareError, _assign_folds, prepare_cache
+from tfpneumo.data.prepare import PrepareError, prepare_cache
 from tfpneumo.data.preprocess import resize_mask
 
 FOUR_ROWS = "1.2.276.0.7230010.3.1.4.8323329.307.1517875162.311533"
@@ -164,14 +165,14 @@ def test_group_by_patient_keeps_patients_in_one_fold():
     ids = [f"img{i:03d}" for i in range(120)]
     groups = [f"p{rng.integers(40)}" for _ in ids]
     has_mask = [int(g in {f"p{k}" for k in range(12)}) for g in groups]
-    folds = _assign_folds(ids, has_mask, groups, 4, True, 7)
+    folds = assign_folds(ids, has_mask, groups, 4, True, 7)
     for g in set(groups):
         assert len({folds[i] for i, gg in zip(ids, groups, strict=True) if gg == g}) == 1
     assert all(any(folds[i] == f and m for i, m in zip(ids, has_mask, strict=True))
                for f in range(4))
-    assert folds == _assign_folds(ids, has_mask, groups, 4, True, 7)  # deterministic
-    with pytest.raises(PrepareError, match="only 3 positive training image"):
-        _assign_folds(ids[:10], [1, 1, 1] + [0] * 7, ids[:10], 4, False, 0)
+    assert folds == assign_folds(ids, has_mask, groups, 4, True, 7)  # deterministic
+    with pytest.raises(FoldError, match="only 3 positive training image"):
+        assign_folds(ids[:10], [1, 1, 1] + [0] * 7, ids[:10], 4, False, 0)
 
 
 def _mini_copy(siim_mini: Path, root: Path, n_pos: int, n_neg: int) -> tuple[list, list]:
@@ -283,7 +284,7 @@ def test_input_errors(siim_mini, tmp_path):
     data = tmp_path / "few"
     pos, neg = _mini_copy(siim_mini, data, 1, 3)
     shutil.copy(siim_mini / "train-rle.csv", data / "train-rle.csv")
-    with pytest.raises(PrepareError, match="only 1 positive training image"):
+    with pytest.raises(FoldError, match="only 1 positive training image"):
         prepare_cache(data, tmp_path / "out", _cfg(size=64, folds=2))
     assert not (tmp_path / "out").exists()  # a failed plan leaves no half-made cache behind
     (data / "train-rle.csv").write_text("ImageId,EncodedPixels\nID_0011fe81e,-1\n")

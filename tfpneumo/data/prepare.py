@@ -36,6 +36,7 @@ import numpy as np
 from tfpneumo.config import Config, dump_config, read_yaml, to_dict
 from tfpneumo.data import records
 from tfpneumo.data.dicom import DicomError, find_dicoms, read_dicom, read_header
+from tfpneumo.data.folds import assign_folds
 from tfpneumo.data.labels import LabelTable, find_labels, read_label_table
 from tfpneumo.data.manifest import write_manifest
 from tfpneumo.data.preprocess import network_image, resize_mask
@@ -267,33 +268,6 @@ def _remove_stale(out: Path, planned: set[str]) -> int:
     return removed
 
 
-def _assign_folds(ids: list[str], has_mask: list[int], groups: list[str], folds: int,
-                  by_patient: bool, seed: int) -> dict[str, int]:
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
-    y = np.asarray(has_mask)
-    for cls, name in ((1, "positive"), (0, "negative")):
-        n = int((y == cls).sum())
-        if n < folds:
-            raise PrepareError(f"only {n} {name} training image(s) for {folds} folds; need at "
-                               f"least {folds} of each class (lower prepare.folds)")
-    if by_patient:
-        n_groups = len(set(groups))
-        if n_groups < folds:
-            raise PrepareError(f"only {n_groups} patient(s) for {folds} folds with "
-                               "group_by_patient")
-        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        splits = splitter.split(np.zeros(len(ids)), y, groups)
-    else:
-        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        splits = splitter.split(np.zeros(len(ids)), y)
-    fold_of: dict[str, int] = {}
-    for fold, (_, valid) in enumerate(splits):
-        for i in valid:
-            fold_of[ids[i]] = fold
-    return fold_of
-
-
 def _headers(paths: list[str], pool: ProcessPoolExecutor | None) -> list[dict | str]:
     if pool is None or len(paths) <= _HEADER_CHUNK:
         return _read_headers(paths)
@@ -347,8 +321,8 @@ def _plan(table: LabelTable, labels_path: Path, train_files: dict[str, Path],
 
     has_mask = [int(bool(table.rles(i))) for i, _ in train]
     groups = [h["patient_id"] or i for i, h in train]
-    fold_of = _assign_folds([i for i, _ in train], has_mask, groups, pc.folds,
-                            pc.group_by_patient, pc.seed) if train else {}
+    fold_of = assign_folds([i for i, _ in train], has_mask, groups, pc.folds,
+                           pc.group_by_patient, pc.seed) if train else {}
     train_items = []
     for (image_id, header), positive in zip(train, has_mask, strict=True):
         rows = [r for r in table.rows[image_id] if r.rle]
