@@ -120,9 +120,11 @@ class ModelConfig:
     head_dropout: float = 0.5
     head_pool: Literal["avg", "avgmax"] = "avg"
     bn_momentum: float = 0.99
-    # Initial probability of the mask output (its bias is log(p / (1 - p)), RetinaNet's prior
-    # initialisation); 0.5 is a zero bias.
-    mask_prior: float = 0.5
+    # Initial probability of the mask output: its bias starts at log(p / (1 - p)) (RetinaNet's
+    # prior initialisation). With a zero bias (0.5) the first steps' gradient from the ~99 % of
+    # empty pixels slams the mask output to "empty everywhere", and on data we were not tuned on
+    # it often never recovers (README, "Does a run learn?").
+    mask_prior: float = 0.01
 
     def validate(self, prefix: str) -> None:
         _check(0.0 < self.bn_momentum < 1.0, prefix, "bn_momentum", "must be in (0, 1)")
