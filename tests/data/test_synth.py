@@ -307,3 +307,39 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         synthesize(tmp_path / "out", n_train=5, n_test=0, size=64)
     assert list(tmp_path.iterdir()) == []
+
+
+# Pinned before looks existed (commit 6a3a166): the default look must keep today's images byte
+# for byte. Hashes of the rendered pixels, and of the DICOMs and CSVs of a tiny dataset (JPEG
+# and OpenCV builds may differ across platforms; these were taken on the project's Linux venv).
+PINNED_PIXELS = {
+    0: "9ee0c1acd26e8f39cd4223aa453fb477ec53c9ffd97700543a5dc14b0fc851a0",
+    1: "cce8544b4ef6d3fecec21dc98804b20c5f3e4f03739811a0c9dd05b48de474f7",
+    2: "94439d41f1e11593cdade633ac42414977fc25ffca62e7713485dc9d199a5e0f",
+    3: "0970b3a171fdc953902fd7218592f6aadc53eb3eb4e1a8e761d6cfc849cb82bd",
+}
+PINNED_FILES = {
+    "train-rle.csv": "da4592778e7c40f38019dc8f8fe4f383ed7d9794bee5dd0a8b1defc3609ca97f",
+    "sample_submission.csv": "fcb2f28ad0a69fc5b76cd68409b09e83ecd17c5df074b43b6ec7f78b1d7528aa",
+    "1.2.826.0.1.3680043.8.498.4.4.1000000.dcm":
+        "541b451dd1ca880835d314b93f8e6f98ab2caa3342473884807f0ffa5799a910",
+    "1.2.826.0.1.3680043.8.498.4.4.1000001.dcm":
+        "7a74fb29a0bae9341ce143a1bcd7207275376c01d0d50973185455819004c2f8",
+    "1.2.826.0.1.3680043.8.498.4.4.1000002.dcm":
+        "2d6fc00dc2134266877b14f9ac6e8ab4f8f095b833a19c93ab6035abb3378e9e",
+    "1.2.826.0.1.3680043.8.498.4.4.1000003.dcm":
+        "44bf2b8b071735df688159bd6b56dd35b94d0e650d891d4a366c3c30e9e3335c",
+    "1.2.826.0.1.3680043.8.498.4.4.2000000.dcm":
+        "5622239d471825cdc3cb640c628f05225c65642a0d99b25b6d17efec15ee731a",
+}
+
+
+def test_default_output_is_pinned(tmp_path: Path):
+    for i, digest in PINNED_PIXELS.items():
+        r = synth._render(synth._image_rng(5, 1, i), 128, i % 2 == 0, None)
+        assert hashlib.sha256(r.image.tobytes()).hexdigest() == digest, i
+    synthesize(tmp_path / "d", n_train=4, n_test=1, size=64, positive_rate=0.5, seed=4)
+    # By name, so that files added next to the dataset (not DICOM or CSV) are not pinned.
+    got = {Path(k).name: v for k, v in _hashes(tmp_path / "d").items()
+           if k.endswith((".dcm", ".csv"))}
+    assert got == PINNED_FILES
