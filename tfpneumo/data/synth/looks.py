@@ -7,9 +7,10 @@ looks move several knobs at once (contrast and noise, body and lung geometry, ho
 pneumothorax shows) but keep it visible by eye at 128 px: a look tests robustness, not
 whether a model can find what a human cannot.
 
-Knobs never draw extra random numbers before the anatomy and the pathology are drawn, so an
-image of a look is the same patient and the same pneumothorax as in ``standard`` wherever the
-geometry knobs leave the shapes alone.
+A look draws the same random numbers in the same order up to the final noise (``grain``
+draws normal instead of uniform numbers there), so a look without geometry knobs (``faint``)
+shows exactly the patient and the pneumothorax of ``standard`` on the same seed. Geometry
+knobs reshape the same sampled patient and collapse; the vessel tree then grows differently.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ LOOKS: dict[str, Look] = {
                   lung_height=0.9),
     # A hard, edge-enhanced print of a thin patient with deep inspiration: high contrast, a
     # thin crisp pleural line, less soft tissue, taller and narrower lungs.
-    "sharp": Look(contrast=1.2, gamma=1.05, edge_enhance=0.8, noise=0.5, body_margin=0.6,
+    "sharp": Look(contrast=1.1, gamma=1.3, edge_enhance=0.8, noise=0.5, body_margin=0.6,
                   lung_width=0.92, lung_height=1.1, pleural_line=1.4, pleural_width=0.6,
                   ptx_dark=1.2),
 }
