@@ -418,6 +418,10 @@ def test_looks_are_known_everywhere():
 def test_looks_differ_as_designed(by_look):
     m = {name: _measure(rendered) for name, rendered in by_look.items()}
     std, faint, noisy, sharp = (m[n] for n in LOOK_NAMES)
+    # faint changes only how the image looks: same seed, same pneumothorax masks.
+    for r_std, r_faint in zip(by_look["standard"], by_look["faint"], strict=True):
+        assert len(r_std.rows) == len(r_faint.rows)
+        assert all((a == b).all() for a, b in zip(r_std.rows, r_faint.rows, strict=True))
     # faint: lower contrast overall and between the pneumothorax and the lung around it.
     assert faint["std"] < 0.8 * std["std"]
     assert faint["contrast"] < 0.75 * std["contrast"]
