@@ -20,6 +20,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of overrides.")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override one key, e.g. --set data.batch_size=4 (repeatable).")]
+# The names of tfpneumo.data.synth.looks.LOOKS, spelled out so that the CLI does not import
+# OpenCV to print its help (tests/data/test_synth.py checks that the two agree).
+SYNTH_LOOKS = ("standard", "faint", "noisy", "sharp")
 
 
 def one_line_errors(func):
@@ -50,12 +53,16 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
     masks_from: Annotated[Path | None, typer.Option(
         help="SIIM label CSV whose real mask shapes the pathology is drawn in.")] = None,
+    look: Annotated[str, typer.Option(
+        help=f"How the images look: {', '.join(SYNTH_LOOKS)} (standard: the default data).")
+    ] = "standard",
 ) -> None:
     """Write a synthetic dataset in the exact SIIM layout (DICOMs + RLE labels)."""
     from tfpneumo.data.synth import synthesize
 
     summary = synthesize(out, n_train=n_train, n_test=n_test, size=size,
-                         positive_rate=positive_rate, seed=seed, masks_from=masks_from)
+                         positive_rate=positive_rate, seed=seed, masks_from=masks_from,
+                         look=look)
     typer.echo(summary)
 
 

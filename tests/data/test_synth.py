@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -72,7 +73,11 @@ def test_layout_is_siim(small: Path):
         # <root>/<study>/<series>/<sop>.dcm
         assert len(path.relative_to(small).parts) == 4
     assert sorted(p.name for p in small.iterdir()) == [
-        "dicom-images-test", "dicom-images-train", "sample_submission.csv", "train-rle.csv"]
+        "dicom-images-test", "dicom-images-train", "sample_submission.csv", "synth.json",
+        "train-rle.csv"]
+    assert json.loads((small / "synth.json").read_text()) == {
+        "n_train": N_TRAIN, "n_test": N_TEST, "size": SIZE, "positive_rate": 0.5, "seed": 3,
+        "look": "standard", "masks_from": None}
     # Written in a temporary sibling and renamed: nothing else is left next to it.
     assert [p.name for p in small.parent.iterdir()] == ["data"]
 
@@ -209,7 +214,7 @@ def test_same_seed_same_bytes_and_prefix_stable(tmp_path: Path):
     synthesize(tmp_path / "c", n_train=5, seed=5, **kw)
     synthesize(tmp_path / "d", n_train=3, seed=4, **kw)
     a, b, c, d = (_hashes(tmp_path / x) for x in "abcd")
-    assert a == b and len(a) == 5 + 2 + 2
+    assert a == b and len(a) == 5 + 2 + 2 + 1  # DICOMs, CSVs, synth.json
     dicoms = [k for k in a if k.endswith(".dcm")]
     assert not set(a.values()) & set(c.values())
     # Image i does not depend on n_train.
@@ -307,3 +312,198 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         synthesize(tmp_path / "out", n_train=5, n_test=0, size=64)
     assert list(tmp_path.iterdir()) == []
+
+
+# Pinned before looks existed (commit 6a3a166): the default look must keep today's images byte
+# for byte. Hashes of the rendered pixels, and of the DICOMs and CSVs of a tiny dataset (JPEG
+# and OpenCV builds may differ across platforms; these were taken on the project's Linux venv).
+PINNED_PIXELS = {
+    0: "9ee0c1acd26e8f39cd4223aa453fb477ec53c9ffd97700543a5dc14b0fc851a0",
+    1: "cce8544b4ef6d3fecec21dc98804b20c5f3e4f03739811a0c9dd05b48de474f7",
+    2: "94439d41f1e11593cdade633ac42414977fc25ffca62e7713485dc9d199a5e0f",
+    3: "0970b3a171fdc953902fd7218592f6aadc53eb3eb4e1a8e761d6cfc849cb82bd",
+}
+PINNED_FILES = {
+    "train-rle.csv": "da4592778e7c40f38019dc8f8fe4f383ed7d9794bee5dd0a8b1defc3609ca97f",
+    "sample_submission.csv": "fcb2f28ad0a69fc5b76cd68409b09e83ecd17c5df074b43b6ec7f78b1d7528aa",
+    "1.2.826.0.1.3680043.8.498.4.4.1000000.dcm":
+        "541b451dd1ca880835d314b93f8e6f98ab2caa3342473884807f0ffa5799a910",
+    "1.2.826.0.1.3680043.8.498.4.4.1000001.dcm":
+        "7a74fb29a0bae9341ce143a1bcd7207275376c01d0d50973185455819004c2f8",
+    "1.2.826.0.1.3680043.8.498.4.4.1000002.dcm":
+        "2d6fc00dc2134266877b14f9ac6e8ab4f8f095b833a19c93ab6035abb3378e9e",
+    "1.2.826.0.1.3680043.8.498.4.4.1000003.dcm":
+        "44bf2b8b071735df688159bd6b56dd35b94d0e650d891d4a366c3c30e9e3335c",
+    "1.2.826.0.1.3680043.8.498.4.4.2000000.dcm":
+        "5622239d471825cdc3cb640c628f05225c65642a0d99b25b6d17efec15ee731a",
+}
+
+
+def test_default_output_is_pinned(tmp_path: Path):
+    for i, digest in PINNED_PIXELS.items():
+        r = synth._render(synth._image_rng(5, 1, i), 128, i % 2 == 0, None)
+        assert hashlib.sha256(r.image.tobytes()).hexdigest() == digest, i
+    synthesize(tmp_path / "d", n_train=4, n_test=1, size=64, positive_rate=0.5, seed=4)
+    # By name, so that files added next to the dataset (not DICOM or CSV) are not pinned.
+    got = {Path(k).name: v for k, v in _hashes(tmp_path / "d").items()
+           if k.endswith((".dcm", ".csv"))}
+    assert got == PINNED_FILES
+
+
+# --------------------------------------------------------------------------------------------
+# Looks
+# --------------------------------------------------------------------------------------------
+
+LOOK_NAMES = ("standard", "faint", "noisy", "sharp")
+
+
+def _ring_contrast(image: np.ndarray, mask: np.ndarray, lung: np.ndarray) -> float:
+    """Mean of the adjacent lung (a 7-pixel band around ``mask``) minus the mask's mean."""
+    grown = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(
+        ImageFilter.MaxFilter(15))) > 0
+    ring = grown & ~mask & lung
+    img = image.astype(np.float64)
+    return float(img[ring].mean() - img[mask].mean())
+
+
+def _high_freq(image: np.ndarray) -> float:
+    """Std of the image minus its Gaussian blur (radius 1, PIL): noise and fine edges."""
+    blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1)), np.float64)
+    return float((image.astype(np.float64) - blurred).std())
+
+
+def _extent(a: np.ndarray, axis: int) -> int:
+    """Rows (axis=1) or columns (axis=0) of ``a`` with any true pixel."""
+    return int(a.any(axis=axis).sum())
+
+
+@pytest.fixture(scope="module")
+def by_look() -> dict[str, list]:
+    """Six positive 256 px images per look, the same seeds (so the same patients) in each."""
+    from tfpneumo.data.synth.looks import LOOKS
+
+    return {name: [synth._render(synth._image_rng(5, 1, i), 256, True, None, LOOKS[name])
+                   for i in range(6)] for name in LOOK_NAMES}
+
+
+def _measure(rendered) -> dict[str, float]:
+    std, contrast, hf, width, height, body = [], [], [], [], [], []
+    for r in rendered:
+        mask = np.logical_or.reduce([m.astype(bool) for m in r.rows])
+        lung = r.lung_field > 0
+        std.append(r.image.std())
+        contrast.append(_ring_contrast(r.image, mask, lung))
+        hf.append(_high_freq(r.image))
+        width.append(_extent(lung, 0))
+        height.append(_extent(lung, 1))
+        # Bright (dense) pixels in the bottom row: the body's width where nothing covers it.
+        body.append(float((r.image[-1] > 100).mean()))
+    return {k: float(np.mean(v)) for k, v in dict(std=std, contrast=contrast, hf=hf,
+                                                   width=width, height=height,
+                                                   body=body).items()}
+
+
+def test_looks_are_known_everywhere():
+    from tfpneumo import cli
+    from tfpneumo.data.synth.looks import LOOKS, Look
+
+    assert tuple(LOOKS) == LOOK_NAMES == cli.SYNTH_LOOKS
+    assert LOOKS["standard"] == Look()
+    # Each other look changes more than one thing.
+    for name in LOOK_NAMES[1:]:
+        changed = [k for k, v in vars(LOOKS[name]).items() if v != getattr(Look(), k)]
+        assert len(changed) >= 3, (name, changed)
+
+
+def test_looks_differ_as_designed(by_look):
+    m = {name: _measure(rendered) for name, rendered in by_look.items()}
+    std, faint, noisy, sharp = (m[n] for n in LOOK_NAMES)
+    # faint changes only how the image looks: same seed, same pneumothorax masks.
+    for r_std, r_faint in zip(by_look["standard"], by_look["faint"], strict=True):
+        assert len(r_std.rows) == len(r_faint.rows)
+        assert all((a == b).all() for a, b in zip(r_std.rows, r_faint.rows, strict=True))
+    # faint: lower contrast overall and between the pneumothorax and the lung around it.
+    assert faint["std"] < 0.8 * std["std"]
+    assert faint["contrast"] < 0.75 * std["contrast"]
+    # noisy: much more high-frequency energy (grain), wider and shorter lungs, a bigger body.
+    assert noisy["hf"] > 1.5 * std["hf"]
+    assert noisy["width"] > std["width"] and noisy["height"] < std["height"]
+    assert noisy["body"] > std["body"]
+    # sharp: higher contrast everywhere, crisper edges, narrower and taller lungs, thinner body.
+    assert sharp["std"] > 1.1 * std["std"] and sharp["contrast"] > 1.3 * std["contrast"]
+    assert sharp["hf"] > 1.3 * std["hf"]
+    assert sharp["width"] < std["width"] and sharp["height"] > std["height"]
+    assert sharp["body"] < std["body"]
+
+
+@pytest.mark.parametrize("name", LOOK_NAMES)
+def test_every_look_stays_learnable(by_look, name):
+    """In every look the mask is in the lung and darker than the lung around it."""
+    darker = []
+    for r in by_look[name]:
+        mask = np.logical_or.reduce([m.astype(bool) for m in r.rows])
+        lung = r.lung_field > 0
+        assert 0.002 < mask.mean() < 0.2 and lung[mask].mean() > 0.97
+        darker.append(_ring_contrast(r.image, mask, lung))
+    assert np.mean(np.array(darker) > 3) >= 0.8 and np.mean(darker) > 8, darker
+
+
+@pytest.mark.parametrize("name", LOOK_NAMES[1:])
+def test_look_same_seed_same_bytes(tmp_path: Path, name):
+    kw = dict(n_train=3, n_test=1, size=64, positive_rate=0.5, seed=4, look=name)
+    synthesize(tmp_path / "a", **kw)
+    synthesize(tmp_path / "b", **kw)
+    a, b = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
+    assert a == b and len(a) == 3 + 1 + 3
+    # Not the standard images: the look changed the pixels.
+    dicoms = {Path(k).name: v for k, v in a.items() if k.endswith(".dcm")}
+    assert not set(dicoms.values()) & set(PINNED_FILES.values())
+    assert json.loads((tmp_path / "a" / "synth.json").read_text())["look"] == name
+
+
+@pytest.mark.parametrize("name", LOOK_NAMES)
+def test_masks_from_with_every_look(siim_mini: Path, name):
+    from tfpneumo.data.synth.looks import LOOKS
+
+    labels = siim_mini / "train-rle.csv"
+    real = synth._load_real_masks(labels)
+    darker = []
+    for i in range(4):
+        rng = synth._image_rng(2, 1, i)
+        rows = synth._sample_real_rows(rng, real, 256, labels)
+        r = synth._render(rng, 256, True, rows, LOOKS[name])
+        assert len(r.rows) == len(rows) and all((a == b).all() for a, b in zip(
+            r.rows, rows, strict=True))  # the real shapes, untouched
+        mask = np.logical_or.reduce([m.astype(bool) for m in r.rows])
+        lung = r.lung_field > 0
+        assert lung[mask].mean() > 0.97
+        darker.append(_ring_contrast(r.image, mask, lung))
+    assert np.mean(darker) > 5, darker
+
+
+def test_unknown_look(tmp_path: Path):
+    with pytest.raises(SynthError, match=r"unknown look 'glossy'; known looks: standard, "
+                                         r"faint, noisy, sharp$") as info:
+        synthesize(tmp_path / "out", n_train=1, n_test=0, size=64, look="glossy")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_synth_look(tmp_path: Path, siim_mini: Path):
+    from typer.testing import CliRunner
+
+    from tfpneumo.cli import app
+
+    runner = CliRunner()
+    labels = siim_mini / "train-rle.csv"
+    result = runner.invoke(app, ["synth", str(tmp_path / "d"), "--n-train", "3", "--n-test",
+                                 "1", "--size", "128", "--seed", "2", "--look", "faint",
+                                 "--masks-from", str(labels)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "d" / "synth.json").read_text()) == {
+        "n_train": 3, "n_test": 1, "size": 128, "positive_rate": 0.22, "seed": 2,
+        "look": "faint", "masks_from": str(labels)}
+    result = runner.invoke(app, ["synth", str(tmp_path / "e"), "--look", "glossy"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: unknown look 'glossy'; known looks: standard, faint, noisy, sharp"]

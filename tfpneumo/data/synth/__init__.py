@@ -6,6 +6,7 @@
     OUT/dicom-images-test/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     OUT/train-rle.csv          header "ImageId, EncodedPixels", one row per annotation
     OUT/sample_submission.csv  header "ImageId,EncodedPixels", every test id with -1
+    OUT/synth.json             the arguments it was written with (n_train, ..., look)
 
 The DICOMs mirror the real ones: 8-bit MONOCHROME2, JPEG Baseline (1.2.840.10008.1.2.4.50)
 encapsulated pixel data, Secondary Capture, CR, CHEST, PatientID/Age/Sex, ViewPosition.
@@ -22,14 +23,19 @@ Every image has its own child seed, ``SeedSequence(seed, spawn_key=(split, index
 ``i`` is the same whatever ``n_train`` / ``n_test`` are, and the same seed gives byte-identical
 files (on one machine: JPEG and OpenCV builds may differ across platforms).
 
-Layout: :mod:`.anatomy` (geometry), :mod:`.render` (pixels), this module (the dataset: DICOM
-and CSV writing, real mask shapes, :func:`synthesize`).
+A ``look`` (:mod:`.looks`: ``standard``, ``faint``, ``noisy``, ``sharp``) changes how the
+data looks: contrast and noise, body and lung geometry, how a pneumothorax shows. ``standard``
+is the generator as it always was, byte for byte.
+
+Layout: :mod:`.anatomy` (geometry), :mod:`.render` (pixels), :mod:`.looks` (the named looks),
+this module (the dataset: DICOM and CSV writing, real mask shapes, :func:`synthesize`).
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -42,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from tfpneumo.data import rle
+from tfpneumo.data.synth.looks import LOOKS, Look
 from tfpneumo.data.synth.render import _render
 from tfpneumo.errors import TfpneumoError
 
@@ -54,6 +61,7 @@ TRAIN_DIR = "dicom-images-train"
 TEST_DIR = "dicom-images-test"
 LABELS_CSV = "train-rle.csv"
 SUBMISSION_CSV = "sample_submission.csv"
+ARGS_JSON = "synth.json"
 # Real pixel spacings of the SIIM DICOMs (mm at 1024 px).
 _SPACINGS = (0.139, 0.143, 0.168, 0.171, 0.194311)
 _SPLITS = {"train": 1, "test": 2}
@@ -224,7 +232,7 @@ def _image_rng(seed: int, split: int, index: int) -> np.random.Generator:
 
 def _write_split(root: Path, split: str, n: int, *, size: int, positive_rate: float,
                  seed: int, real: list[tuple[str, list[str]]] | None,
-                 masks_from: Path | None) -> list[tuple[str, list[str]]]:
+                 masks_from: Path | None, look: Look) -> list[tuple[str, list[str]]]:
     """Render and write ``n`` DICOMs of ``split``; returns ``[(sop, [rle rows])]`` in order."""
     code = _SPLITS[split]
     folder = root / (TRAIN_DIR if split == "train" else TEST_DIR)
@@ -245,7 +253,7 @@ def _write_split(root: Path, split: str, n: int, *, size: int, positive_rate: fl
         spacing = _SPACINGS[int(rng.integers(len(_SPACINGS)))] * 1024 / size
         real_rows = _sample_real_rows(rng, real, size, masks_from) if (
             positive and real is not None) else None
-        rendered = _render(rng, size, positive, real_rows)
+        rendered = _render(rng, size, positive, real_rows, look)
         meta = _Meta(study=_uid(2, seed, code, i), series=_uid(3, seed, code, i),
                      sop=_uid(4, seed, code, i), patient_id=patient[0], sex=patient[1],
                      age=patient[2], view=view, spacing=spacing)
@@ -256,7 +264,7 @@ def _write_split(root: Path, split: str, n: int, *, size: int, positive_rate: fl
 
 def synthesize(out: Path, *, n_train: int = 200, n_test: int = 50, size: int = 1024,
                positive_rate: float = 0.22, seed: int = 0,
-               masks_from: Path | None = None) -> str:
+               masks_from: Path | None = None, look: str = "standard") -> str:
     """Write a synthetic dataset in the exact SIIM-ACR Kaggle layout into ``out``.
 
     Args:
@@ -270,13 +278,16 @@ def synthesize(out: Path, *, n_train: int = 200, n_test: int = 50, size: int = 1
         seed: non-negative random seed; the same seed gives byte-identical files.
         masks_from: optional SIIM label CSV (``.csv`` or ``.csv.gz``) whose real positive mask
             shapes are used instead of procedural ones.
+        look: name of a :data:`~tfpneumo.data.synth.looks.LOOKS` entry; ``"standard"`` is
+            the generator as it always was.
 
     Returns:
         A one-line summary, e.g. ``"wrote 200 train (44 positive, 51 annotation rows) + 50 test
         DICOMs to data/synth"``.
 
     Raises:
-        SynthError: bad arguments, an existing non-empty ``out``, an unusable ``masks_from``.
+        SynthError: bad arguments, an unknown look, an existing non-empty ``out``, an
+            unusable ``masks_from``.
     """
     n_train = _check_int("n_train", n_train, 1, 1_000_000)
     n_test = _check_int("n_test", n_test, 0, 1_000_000)
@@ -288,6 +299,8 @@ def synthesize(out: Path, *, n_train: int = 200, n_test: int = 50, size: int = 1
         raise SynthError(f"positive_rate must be a number, got {positive_rate!r}") from None
     if not 0.0 < positive_rate < 1.0:
         raise SynthError(f"positive_rate must be in (0, 1), got {positive_rate}")
+    if not isinstance(look, str) or look not in LOOKS:
+        raise SynthError(f"unknown look {look!r}; known looks: {', '.join(LOOKS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SynthError(f"{out}: exists and is not a folder")
@@ -303,7 +316,7 @@ def synthesize(out: Path, *, n_train: int = 200, n_test: int = 50, size: int = 1
     try:
         os.chmod(tmp, 0o755)
         common = dict(size=size, positive_rate=positive_rate, seed=seed, real=real,
-                      masks_from=masks_from)
+                      masks_from=masks_from, look=LOOKS[look])
         train = _write_split(tmp, "train", n_train, **common)
         test = _write_split(tmp, "test", n_test, **common)
         # Same header, value and line formatting as the real train-rle.csv / sample
@@ -314,6 +327,12 @@ def synthesize(out: Path, *, n_train: int = 200, n_test: int = 50, size: int = 1
         (tmp / LABELS_CSV).write_text("\n".join(lines) + "\n", newline="\n")
         sub = ["ImageId,EncodedPixels"] + [f"{sop},-1" for sop, _ in test]
         (tmp / SUBMISSION_CSV).write_text("\n".join(sub) + "\n", newline="\n")
+        # How the dataset was made, so that a folder of DICOMs can be told apart and remade;
+        # prepare finds its DICOMs and label CSV by name and never reads this.
+        args = {"n_train": n_train, "n_test": n_test, "size": size,
+                "positive_rate": positive_rate, "seed": seed, "look": look,
+                "masks_from": None if masks_from is None else str(masks_from)}
+        (tmp / ARGS_JSON).write_text(json.dumps(args, indent=1) + "\n", newline="\n")
         if out.is_dir():
             out.rmdir()  # empty (checked above); rename cannot replace a folder portably
         os.rename(tmp, out)

@@ -197,3 +197,26 @@ def _sample_collapse(rng: np.random.Generator, side_index: int) -> _Collapse:
     amount = float(np.exp(rng.uniform(np.log(0.1), np.log(1.3))))
     return _Collapse(side_index, float(direction), amount, float(center),
                      float(rng.uniform(0.1, 0.35)), float(rng.uniform(0, 2 * np.pi)))
+
+
+def _reshape(an: _Anatomy, lung_width: float, lung_height: float,
+             body_margin: float) -> _Anatomy:
+    """Scale the lungs' width and height and the soft tissue outside them (a look's geometry).
+
+    Apices and medial borders stay put; the bases, hila and heart move with the height, the
+    body's edge with the lungs' outer edge. All 1.0 returns ``an`` itself.
+    """
+    if (lung_width, lung_height, body_margin) == (1.0, 1.0, 1.0):
+        return an
+    lungs = []
+    for lung in an.lungs:
+        base = min(lung.top + (lung.base - lung.top) * lung_height, 0.93)
+        ratio = (base - lung.top) / (lung.base - lung.top)
+        hilum = (lung.hilum[0], lung.top + (lung.hilum[1] - lung.top) * ratio)
+        lungs.append(replace(lung, base=base, width=lung.width * lung_width, hilum=hilum))
+    outer_old = max(lu.wm + lu.width for lu in an.lungs)
+    outer_new = max(lu.wm + lu.width for lu in lungs)
+    hx, hy, hrx, hry, hang = an.heart
+    hy += lungs[1].base - an.lungs[1].base  # the heart sits on the diaphragm
+    return replace(an, lungs=(lungs[0], lungs[1]), heart=(hx, hy, hrx, hry, hang),
+                   body_hw=outer_new + (an.body_hw - outer_old) * body_margin)

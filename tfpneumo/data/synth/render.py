@@ -17,11 +17,13 @@ from tfpneumo.data.synth.anatomy import (
     _lateral_profile,
     _lung_field,
     _lung_field_at,
+    _reshape,
     _sample_anatomy,
     _sample_collapse,
     _sigmoid,
     _smoothstep,
 )
+from tfpneumo.data.synth.looks import LOOKS, Look
 
 # --------------------------------------------------------------------------------------------
 # Rendering
@@ -246,11 +248,15 @@ def _signed_from_mask(mask: np.ndarray, n: int) -> np.ndarray:
 
 
 def _render(rng: np.random.Generator, size: int, positive: bool,
-            real_rows: list[np.ndarray] | None) -> _Rendered:
-    """One radiograph ``(size, size) uint8`` and its annotation masks (empty list if negative)."""
+            real_rows: list[np.ndarray] | None, look: Look = LOOKS["standard"]) -> _Rendered:
+    """One radiograph ``(size, size) uint8`` and its annotation masks (empty list if negative).
+
+    ``look`` (:mod:`.looks`) styles it; its neutral knobs leave every operation as it was.
+    """
     gs = min(size, 256)  # smooth anatomy
     gm = min(size, 512)  # ribs, vessels, pleural line
-    an = _sample_anatomy(rng)
+    # Reshaped before the real masks are fitted, so that they still end up inside the lungs.
+    an = _reshape(_sample_anatomy(rng), look.lung_width, look.lung_height, look.body_margin)
     x, y = _axes(gs)
     cx = an.cx
     w_abs = np.abs(x - cx)
@@ -343,7 +349,7 @@ def _render(rng: np.random.Generator, size: int, positive: bool,
     vessels = _vessels(rng, an, lung_fields, gm)
     # Parenchyma: the lung's own faint mottled density, absent inside a pneumothorax.
     tissue = 0.05 + 0.02 * _noise_field(rng, 48, gm)
-    lung_tissue = (rng.uniform(0.1, 0.15) * vessels + tissue) * lung_m
+    lung_tissue = (rng.uniform(0.1, 0.15) * vessels + tissue) * lung_m * look.vessel_contrast
 
     ptx_soft = np.zeros((gm, gm), np.float32)
     pleura = np.zeros((gm, gm), np.float32)
@@ -372,24 +378,38 @@ def _render(rng: np.random.Generator, size: int, positive: bool,
             # ``dist`` ~ signed distance to that edge (field over its gradient norm).
             gy, gx = np.gradient(fc)
             dist = fc / (np.sqrt(gx * gx + gy * gy) * gm + 1e-6)
-            sigma = 1.0 / gm
+            sigma = 1.0 / gm * look.pleural_width
             pleura = np.maximum(pleura, np.exp(-0.5 * (dist / sigma) ** 2) * inner)
         rows = [m for m in rows if m.any()]
 
-    amp_line = rng.uniform(0.1, 0.16)
+    amp_line = rng.uniform(0.1, 0.16) * look.pleural_line
     dens_m = (dens_m + rng.uniform(0.09, 0.14) * (ribs * cage_m + clavicles * body_m)
               + lung_tissue * (1.0 - ptx_soft)
               - (rng.uniform(0.02, 0.04) + rng.uniform(0.3, 0.45) * edge_m) * ptx_soft
+              * look.ptx_dark
               + collapsed_dense + amp_line * pleura)
 
     # --- exposure, response, noise ----------------------------------------------------------
     k = rng.uniform(1.2, 1.9)
     img = (1.0 - np.exp(-k * np.maximum(dens_m, 0.0))) / (1.0 - math.exp(-k * 1.35))
     lo, hi = rng.uniform(0.0, 0.15), rng.uniform(0.92, 1.1)
-    img = np.clip((img - lo) / (hi - lo), 0.0, 1.0) ** rng.uniform(0.75, 1.3)
+    img = np.clip((img - lo) / (hi - lo), 0.0, 1.0) ** (rng.uniform(0.75, 1.3) * look.gamma)
+    if look.contrast != 1.0:
+        img = 0.5 + look.contrast * (img - 0.5)  # clipped with the noise, below
     img = _resize(img.astype(np.float32), size)
-    # Uniform noise: a normal draw of 1024^2 values costs ~20 ms, a uniform one ~3 ms.
-    noise_sd = rng.uniform(0.006, 0.018)
-    img = img + (noise_sd * math.sqrt(12.0)) * (rng.random((size, size), np.float32) - 0.5)
+    px = size / 1024  # the look's lengths are in pixels at 1024 px
+    if look.blur:
+        img = cv2.GaussianBlur(img, (0, 0), look.blur * px)
+    if look.edge_enhance:
+        img = img + look.edge_enhance * (img - cv2.GaussianBlur(img, (0, 0), 8.0 * px))
+    noise_sd = rng.uniform(0.006, 0.018) * look.noise
+    if look.grain:
+        # Correlated grain, rescaled to ``noise_sd`` after the smoothing.
+        grain = cv2.GaussianBlur(rng.standard_normal((size, size), np.float32), (0, 0),
+                                 look.grain * px)
+        img = img + noise_sd / float(grain.std() + 1e-6) * grain
+    else:
+        # Uniform noise: a normal draw of 1024^2 values costs ~20 ms, a uniform one ~3 ms.
+        img = img + (noise_sd * math.sqrt(12.0)) * (rng.random((size, size), np.float32) - 0.5)
     out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return _Rendered(out, rows, lung_any.astype(np.float32))
