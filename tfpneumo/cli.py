@@ -223,8 +223,10 @@ def data_service(
     port: Annotated[int, typer.Option(help="Port of the dispatcher (all interfaces).")] = 5050,
 ) -> None:
     """Run a tf.data service dispatcher; trainers use --set data.service=grpc://HOST:PORT."""
-    from tfpneumo.data.service import serve_dispatcher
+    from tfpneumo.data.service import EXPOSED, check_port, serve_dispatcher
 
+    check_port(port, "data-service --port", allow_zero=False)
+    typer.echo(f"warning: the tf.data service dispatcher on port {port} {EXPOSED}", err=True)
     typer.echo(f"tf.data service dispatcher on port {port}; Ctrl-C stops it", err=True)
     serve_dispatcher(port)
 
@@ -239,9 +241,12 @@ def data_worker(
     port: Annotated[int, typer.Option(help="Port of this worker (0: any free port).")] = 0,
 ) -> None:
     """Run a tf.data service worker: training preprocessing for the config's augmentations."""
-    from tfpneumo.data.service import serve_worker
+    from tfpneumo.data.service import EXPOSED, check_port, check_reachable, serve_worker
 
+    check_port(port, "data-worker --port", allow_zero=True)
+    check_reachable(dispatcher, "data-worker --dispatcher")
     cfg = load_config(config, set_ or [])
+    typer.echo(f"warning: the tf.data service worker {EXPOSED}", err=True)
     typer.echo(f"tf.data service worker for {dispatcher}; Ctrl-C stops it", err=True)
     serve_worker(dispatcher, [stage_cfg.augment for _, stage_cfg in cfg.stage_configs()], host=host,
                  port=port)

@@ -93,6 +93,9 @@ def _child_service(out: Path, cache: Path) -> None:
     truth = write_shards(cache, COUNTS)
     address, handles = start_local_service(2)
     try:
+        from test_procs import descendants, listening_sockets
+
+        listening = listening_sockets([os.getpid(), *descendants(os.getpid())])
         ds = tf.data.Dataset.range(N_IDS).map(
             lambda i: {"id": i, "x": tf.fill([8, 8], tf.cast(i, tf.float32))})
         epochs = []
@@ -110,12 +113,12 @@ def _child_service(out: Path, cache: Path) -> None:
         ids = np.concatenate([decode_index(images) for images, _ in batches]).tolist()
         shapes = [(images.shape, y["mask"].shape, y["label"].shape) for images, y in batches]
     finally:
-        workers = list(handles.workers)
         stop_local_service(handles)
     folds = {int(k[2:]): fold for k, (fold, _) in truth.items()}
     out.write_text(json.dumps({"epochs": epochs, "train_ids": ids, "train_folds": folds,
                                "shapes": [list(map(list, s)) for s in shapes],
-                               "exitcodes": [p.exitcode for p in workers]}))
+                               "box_exit": handles.box.process.returncode,
+                               "listening": listening, "address": address}))
 
 
 def test_data_service_distributed_epoch_exactly_once(tmp_path):
@@ -129,7 +132,12 @@ def test_data_service_distributed_epoch_exactly_once(tmp_path):
     assert len(res["train_ids"]) == 6 * 8
     assert {res["train_folds"][str(i)] for i in res["train_ids"]} == {0}
     assert res["shapes"][0] == [[8, 64, 64, 1], [8, 64, 64, 1], [8, 1]]
-    assert len(res["exitcodes"]) == 2 and None not in res["exitcodes"]  # both processes ended
+    assert res["box_exit"] == 0  # the dispatcher and both workers stopped cleanly
+    # On this machine's network, only loopback relays listen (TensorFlow's servers, which bind
+    # every interface, are in the box's own network namespace): dispatcher + 2 workers.
+    port = int(res["address"].rsplit(":", 1)[1])
+    assert {host for host, _ in res["listening"]} == {"127.0.0.1"}
+    assert len(res["listening"]) == 3 and ["127.0.0.1", port] in res["listening"]
 
 
 def test_start_local_service_rejects_no_workers():

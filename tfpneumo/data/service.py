@@ -31,7 +31,7 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tfpneumo.errors import TfpneumoError
@@ -48,11 +48,10 @@ class ServiceError(TfpneumoError):
 
 @dataclass
 class LocalService:
-    """What :func:`stop_local_service` needs: the dispatcher server and the worker processes."""
+    """What :func:`stop_local_service` needs: the box of the dispatcher and workers."""
 
-    dispatcher: Any  # tf.data.experimental.service.DispatchServer
+    box: Any  # tfpneumo.procs.Box
     address: str  # "grpc://127.0.0.1:port"
-    workers: list[mp.Process] = field(default_factory=list)
 
 
 def _start_worker(dispatcher_address: str, augments, host: str, port: int):
@@ -69,14 +68,56 @@ def _start_worker(dispatcher_address: str, augments, host: str, port: int):
     return tf.data.experimental.service.WorkerServer(config)
 
 
-def _worker_main(dispatcher_address: str, parent_pid: int, augments) -> None:
+def _worker_main(dispatcher_address: str, parent_pid: int, augments, port: int = 0) -> None:
     """Body of one local worker process: serves until terminated or its parent is gone (a
     killed parent cannot clean up its daemonic children, and ``WorkerServer.join`` would block
     forever)."""
-    worker = _start_worker(dispatcher_address, augments, HOST, 0)
+    from tfpneumo.procs import die_with_parent
+
+    die_with_parent(parent_pid)
+    worker = _start_worker(dispatcher_address, augments, HOST, port)
     while os.getppid() == parent_pid:
         time.sleep(0.5)
     worker.stop()
+
+
+EXPOSED = ("listens on every interface, unauthenticated: run it only inside a trusted network "
+           "(README: \"Only inside a trusted network\")")
+
+
+def check_port(port: int, what: str, allow_zero: bool) -> int:
+    """``port`` if it is a TCP port (1..65535, or 0 with ``allow_zero``); ServiceError naming
+    ``what`` otherwise."""
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ServiceError(f"{what} {port}: not a port ({low}..65535)")
+    return port
+
+
+def parse_address(address: str, what: str) -> tuple[str, int]:
+    """``(host, port)`` of ``host:port``, ``grpc://host:port`` or ``[v6]:port``; ServiceError
+    naming ``what`` when it is not one."""
+    rest = address.removeprefix("grpc://")
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or any(c in host for c in "/ @"):
+        raise ServiceError(f"{what} {address!r}: expected HOST:PORT (e.g. hostA:5050)")
+    return host, check_port(int(port), f"{what} {address!r}: port", allow_zero=False)
+
+
+def check_reachable(address: str, what: str, timeout: float = 5.0) -> None:
+    """Raises ServiceError naming ``what`` unless a TCP connection to ``address`` opens within
+    ``timeout`` seconds."""
+    import socket
+
+    host, port = parse_address(address, what)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        from tfpneumo.errors import first_line
+
+        raise ServiceError(f"{what} {address}: cannot connect within {timeout:g} s "
+                           f"({first_line(e)})") from None
 
 
 def serve_worker(dispatcher_address: str, augments=(), host: str | None = None,
@@ -93,7 +134,7 @@ def serve_worker(dispatcher_address: str, augments=(), host: str | None = None,
 
     address = dispatcher_address.removeprefix("grpc://")
     worker = _start_worker(address, list(augments), host or socket.getfqdn(), port)
-    worker.join()
+    _serve_until_interrupted(worker)
 
 
 def serve_dispatcher(port: int) -> None:
@@ -103,12 +144,90 @@ def serve_dispatcher(port: int) -> None:
     tf = quiet_tensorflow()
     dispatcher = tf.data.experimental.service.DispatchServer(
         tf.data.experimental.service.DispatcherConfig(port=port))
-    dispatcher.join()
+    _serve_until_interrupted(dispatcher)
+
+
+def _serve_until_interrupted(server) -> None:
+    """Waits for SIGINT or SIGTERM, then stops ``server``. (``server.join()`` blocks in C++
+    where Python never sees a Ctrl-C.)"""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        stop.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        server.stop()
+    if received and received[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
+def _serve_in_box(payload, ports: list[int]):
+    """The local service inside its network namespace (:func:`tfpneumo.procs.start_box`):
+    the dispatcher on ``ports[0]`` in this process, one worker process per other port; returns
+    once every worker registered, with the callable that stops them all."""
+    n_workers, augments, timeout = payload
+    from tfpneumo import compat
+    from tfpneumo.tfimport import quiet_tensorflow
+
+    tf = quiet_tensorflow()
+    dispatcher = tf.data.experimental.service.DispatchServer(
+        tf.data.experimental.service.DispatcherConfig(port=ports[0]))
+    # spawn, not fork: a forked child would inherit this process's TensorFlow runtime threads.
+    ctx = mp.get_context("spawn")
+    workers: list[mp.Process] = []
+
+    def stop() -> None:
+        for proc in workers:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in workers:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+        dispatcher.stop()
+
+    try:
+        for port in ports[1:]:
+            proc = ctx.Process(target=_worker_main,
+                               args=(f"{HOST}:{ports[0]}", os.getpid(), tuple(augments), port),
+                               daemon=True)
+            proc.start()
+            workers.append(proc)
+        deadline = time.monotonic() + timeout
+        # Without the wait, a job started early runs on the first worker alone.
+        while compat.service_worker_count(dispatcher) < n_workers:
+            dead = [p.pid for p in workers if not p.is_alive()]
+            if dead:
+                raise ServiceError(f"tf.data service worker process(es) {dead} exited at start")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"only {compat.service_worker_count(dispatcher)} of {n_workers} "
+                                   f"tf.data service workers registered within {timeout:g} s")
+            time.sleep(0.1)
+    except BaseException:
+        stop()
+        raise
+    return stop
 
 
 def start_local_service(n_workers: int, augments=(), timeout: float = 60.0
                         ) -> tuple[str, LocalService]:
-    """Starts a dispatcher here and ``n_workers`` worker processes; waits until they registered.
+    """Starts a dispatcher and ``n_workers`` worker processes reachable from this machine only;
+    waits until the workers registered.
+
+    TensorFlow's servers listen on every interface, so they run in a private network namespace
+    behind loopback relays (:func:`tfpneumo.procs.start_box`, which says why and how).
 
     Args:
         n_workers: number of worker processes (>= 1).
@@ -118,59 +237,27 @@ def start_local_service(n_workers: int, augments=(), timeout: float = 60.0
     Returns:
         ``(address, handles)``: the dispatcher address ``"grpc://127.0.0.1:port"`` to pass to
         ``tf.data.experimental.service.distribute`` (or ``train_dataset(service=...)``), and the
-        handles for :func:`stop_local_service`. Keep the handles alive while the service is used:
-        the dispatcher stops when they are garbage-collected.
+        handles for :func:`stop_local_service`.
 
     Raises:
         ServiceError: ``n_workers < 1``, a worker died, or the workers did not register in time.
+        tfpneumo.procs.NamespaceUnavailable: this machine cannot make a private network
+            namespace (unprivileged user namespaces off and no privilege).
     """
     if n_workers < 1:
         raise ServiceError(f"n_workers {n_workers}: must be >= 1")
-    from tfpneumo.tfimport import quiet_tensorflow
+    from tfpneumo.procs import start_box
 
-    tf = quiet_tensorflow()
-    dispatcher = tf.data.experimental.service.DispatchServer(
-        tf.data.experimental.service.DispatcherConfig(port=0))
-    port = int(dispatcher._address.rsplit(":", 1)[1])  # the OS-chosen port (no public getter)
-    handles = LocalService(dispatcher, f"grpc://{HOST}:{port}")
-    # spawn, not fork: a forked child would inherit this process's TensorFlow runtime threads.
-    ctx = mp.get_context("spawn")
-    try:
-        for _ in range(n_workers):
-            proc = ctx.Process(target=_worker_main,
-                               args=(f"{HOST}:{port}", os.getpid(), tuple(augments)), daemon=True)
-            proc.start()
-            handles.workers.append(proc)
-        deadline = time.monotonic() + timeout
-        from tfpneumo import compat
-
-        # Without the wait, a job started early runs on the first worker alone.
-        while compat.service_worker_count(dispatcher) < n_workers:
-            dead = [p.pid for p in handles.workers if not p.is_alive()]
-            if dead:
-                raise ServiceError(f"tf.data service worker process(es) {dead} exited at start")
-            if time.monotonic() > deadline:
-                raise ServiceError(f"only {compat.service_worker_count(dispatcher)} of {n_workers} tf.data "
-                                   f"service workers registered within {timeout:g} s")
-            time.sleep(0.1)
-    except BaseException:
-        stop_local_service(handles)
-        raise
+    # The box's own start (Python, TensorFlow) comes on top of the workers' registration.
+    box = start_box("tfpneumo.data.service:_serve_in_box", (n_workers, tuple(augments), timeout),
+                    n_workers + 1, timeout=timeout + 60)
+    handles = LocalService(box, f"grpc://{HOST}:{box.ports[0]}")
     return handles.address, handles
 
 
-def stop_local_service(handles: LocalService, timeout: float = 10.0) -> None:
-    """Terminates the worker processes (killing those that do not exit) and the dispatcher."""
-    for proc in handles.workers:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in handles.workers:
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout)
-    handles.workers.clear()
-    handles.dispatcher.stop()
+def stop_local_service(handles: LocalService, timeout: float = 15.0) -> None:
+    """Stops the worker processes and the dispatcher (and their namespace)."""
+    handles.box.stop(timeout)
 
 
 @contextlib.contextmanager
@@ -181,13 +268,27 @@ def input_service(spec: str | None, augments=()) -> Iterator[str | None]:
     dispatcher and N worker processes here (N = usable cores for ``local``) that run the heavy
     transforms of ``augments``, stopped when the block ends; ``grpc://host:port`` (or
     ``host:port``) yields that running dispatcher's address.
+
+    Where no private network namespace can be made, ``local`` warns on stderr and yields None
+    rather than open unauthenticated ports on every interface.
     """
     if spec is None:
         yield None
     elif spec == "local" or spec.startswith("local:"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         n = int(spec.split(":")[1]) if ":" in spec else cores or 1
-        address, handles = start_local_service(n, augments=augments)
+        from tfpneumo.procs import NamespaceUnavailable
+
+        try:
+            address, handles = start_local_service(n, augments=augments)
+        except NamespaceUnavailable as e:
+            import sys
+
+            print(f"warning: data.service {spec}: {e}; preprocessing runs in the training process "
+                  "(a tf.data service would listen on every interface, unauthenticated)",
+                  file=sys.stderr)
+            yield None
+            return
         try:
             yield address
         finally:

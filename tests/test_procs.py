@@ -1,0 +1,128 @@
+"""tfpneumo.procs: the network box of the local tf.data service, children that die with their
+parent. A plain echo server stands in for TensorFlow's servers (it listens on every interface
+as they do), so these tests take well under a second."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from tfpneumo.procs import NamespaceUnavailable, start_box
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _hex_address(text: str) -> tuple[str, int]:
+    """``0100007F:1F90`` (/proc/net/tcp) or its 32-hex-digit IPv6 form -> (address, port)."""
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    # /proc prints each 32-bit word in host (little-endian) order.
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, raw), int(port, 16)
+
+
+def listening_sockets(pids, net_of: int | str = "self") -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets in LISTEN state held by ``pids``, as seen in the
+    network namespace of process ``net_of`` (sockets of other namespaces are not listed)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # the process has gone
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{net_of}/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                found.append(_hex_address(fields[1]))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of process ``pid`` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _echo_server(payload, ports):
+    """A box target: an echo server on every interface of the box, like TensorFlow's."""
+    server = socket.create_server(("0.0.0.0", ports[0]))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.close
+
+
+@pytest.fixture
+def echo_box(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    try:
+        box = start_box("test_procs:_echo_server", None, 1, timeout=20)
+    except NamespaceUnavailable as e:
+        pytest.skip(str(e))
+    yield box
+    box.stop()
+
+
+def test_box_servers_are_reachable_on_loopback_only(echo_box):
+    """The server inside listens on 0.0.0.0, yet on this machine's network only 127.0.0.1
+    listens for it (the relay); a client on 127.0.0.1 reaches it."""
+    pid, port = echo_box.process.pid, echo_box.ports[0]
+    assert listening_sockets([pid, os.getpid()]) == [("127.0.0.1", port)]
+    assert ("0.0.0.0", port) in listening_sockets([pid], net_of=pid)  # inside the box only
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"hello box")
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(100) == b"hello box"
+
+
+def test_box_stops_when_its_stdin_closes(echo_box):
+    echo_box.stop(timeout=5)
+    assert echo_box.process.returncode == 0
+    assert listening_sockets([os.getpid()]) == []
+
+
+def test_box_reports_a_failing_target_in_one_line(monkeypatch):
+    from tfpneumo.procs import BoxError
+
+    try:
+        with pytest.raises(BoxError, match="No module named 'no_such_module'"):
+            start_box("no_such_module:f", None, 1, timeout=20)
+    except NamespaceUnavailable as e:
+        pytest.skip(str(e))
