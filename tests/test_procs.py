@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,7 +89,7 @@ def _echo_server(payload, ports):
                     conn.sendall(data)
 
     threading.Thread(target=serve, daemon=True).start()
-    return server.close
+    return server.close, {"pid": os.getpid()}
 
 
 @pytest.fixture
@@ -104,6 +107,7 @@ def test_box_servers_are_reachable_on_loopback_only(echo_box):
     """The server inside listens on 0.0.0.0, yet on this machine's network only 127.0.0.1
     listens for it (the relay); a client on 127.0.0.1 reaches it."""
     pid, port = echo_box.process.pid, echo_box.ports[0]
+    assert echo_box.info == {"pid": pid}
     assert listening_sockets([pid, os.getpid()]) == [("127.0.0.1", port)]
     assert ("0.0.0.0", port) in listening_sockets([pid], net_of=pid)  # inside the box only
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
@@ -126,3 +130,56 @@ def test_box_reports_a_failing_target_in_one_line(monkeypatch):
             start_box("no_such_module:f", None, 1, timeout=20)
     except NamespaceUnavailable as e:
         pytest.skip(str(e))
+
+
+# ----------------------------------------------------------------------------- die_with_parent
+
+POOL_CHILD = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from tfpneumo.data.prepare import _worker_init
+
+pool = ProcessPoolExecutor(2, initializer=_worker_init, initargs=(os.getpid(),),
+                           mp_context=multiprocessing.get_context("spawn"))
+for f in [pool.submit(time.sleep, 0.3) for _ in range(2)]:
+    f.result()
+print(*pool._processes, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (its new parent may not reap it at once)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_prepare_workers_die_with_a_killed_parent():
+    """The pool of ``prepare`` (its initializer, spawn workers): kill -9 of the parent takes
+    the workers with it instead of leaving them to PID 1."""
+    proc = subprocess.Popen([sys.executable, "-c", POOL_CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_die_with_parent_exits_when_the_parent_is_already_gone():
+    """The race: the parent died before the child asked to die with it (the child's parent is
+    then another process than the one named)."""
+    code = "from tfpneumo.procs import die_with_parent; die_with_parent(-5); print('alive')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and out.stdout == ""
+    code = "import os; from tfpneumo.procs import die_with_parent; die_with_parent(os.getppid()); print('alive')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == "alive\n"

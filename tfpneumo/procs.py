@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import pickle
 import select
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from tfpneumo.errors import TfpneumoError, first_line
 
@@ -54,6 +56,8 @@ def die_with_parent(parent_pid: int) -> None:
 
     ``parent_pid`` is the parent this process was started by: if it is already gone (it died
     before the request was made, and this process was adopted), this process exits now.
+    The kernel's signal follows the parent *thread* that started this process, so start such
+    children from a thread that lives as long as they should (the main thread).
     """
     if not sys.platform.startswith("linux"):
         return
@@ -78,6 +82,7 @@ class Box:
 
     process: subprocess.Popen
     ports: list[int] = field(default_factory=list)
+    info: Any = None  # what the target reported when it was ready
 
     def stop(self, timeout: float = 15.0) -> None:
         """Closes the box's stdin (it stops its servers and exits); kills it after ``timeout``."""
@@ -99,7 +104,8 @@ def start_box(target: str, payload, n_ports: int, timeout: float = 120.0) -> Box
     """Starts ``target`` (``"module:function"``) in a box; returns when it is serving.
 
     The box calls ``function(payload, ports)`` inside its namespace: it must start servers on
-    ``ports`` (any address) and return a callable that stops them. ``payload`` is pickled.
+    ``ports`` (any address) and return ``(stop, info)``: a callable that stops them and
+    JSON data for :attr:`Box.info`. ``payload`` is pickled.
 
     Raises:
         NamespaceUnavailable: no private network namespace can be made here.
@@ -119,9 +125,8 @@ def start_box(target: str, payload, n_ports: int, timeout: float = 120.0) -> Box
             [sys.executable, "-c", "from tfpneumo.procs import _box_main; _box_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds,
             start_new_session=True)  # a Ctrl-C is for the parent, which then stops the box
-        message = pickle.dumps({"target": target, "payload": payload, "ports": ports,
-                                "fds": fds, "parent": os.getpid()})
-        proc.stdin.write(struct.pack("<Q", len(message)) + message)
+        msg = pickle.dumps({"target": target, "payload": payload, "ports": ports, "fds": fds})
+        proc.stdin.write(struct.pack("<Q", len(msg)) + msg)
         proc.stdin.flush()
         line = _read_line(proc, timeout)
     except BaseException:
@@ -133,7 +138,8 @@ def start_box(target: str, payload, n_ports: int, timeout: float = 120.0) -> Box
         for s in listeners:
             s.close()
     box = Box(proc, ports)
-    if line == "ready":
+    if line.startswith("ready "):
+        box.info = json.loads(line.removeprefix("ready "))
         return box
     box.stop()
     kind, _, text = line.partition(": ")
@@ -229,11 +235,10 @@ def _relay(listener: socket.socket, port: int) -> None:
 
 def _box_main() -> None:
     """The box process: reads its instructions, enters the namespace, relays, serves until
-    stdin closes. Prints one status line: ``ready``, ``nonamespace: ...`` or ``error: ...``."""
+    stdin closes. Prints one status line: ``ready <info as JSON>``, ``nonamespace: ...`` or ``error: ...``."""
     stdin = sys.stdin.buffer
     (size,) = struct.unpack("<Q", stdin.read(8))
     msg = pickle.loads(stdin.read(size))  # from our parent over a pipe
-    die_with_parent(msg["parent"])
     try:
         _enter_namespace()
     except OSError as e:
@@ -246,11 +251,11 @@ def _box_main() -> None:
         module, _, name = msg["target"].partition(":")
         import importlib
 
-        stop = getattr(importlib.import_module(module), name)(msg["payload"], msg["ports"])
+        stop, info = getattr(importlib.import_module(module), name)(msg["payload"], msg["ports"])
     except Exception as e:  # noqa: BLE001 - reported to the parent as its one line
         print(f"error: {e if isinstance(e, TfpneumoError) else first_line(e)}", flush=True)
         sys.exit(1)
-    print("ready", flush=True)
+    print(f"ready {json.dumps(info)}", flush=True)
     try:
         while stdin.read(65536):
             pass

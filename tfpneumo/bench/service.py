@@ -54,7 +54,7 @@ def bench_service(ctx: Context, *, size: int = 512, workers: Sequence[int] = (0,
                 it = iter(ds)
                 for _ in range(warmup):
                     next(it)
-                pids = [w.pid for w in handles.workers] if handles else []
+                pids = handles.worker_pids if handles else []
                 w0 = sum(process_cpu_s(pid) for pid in pids)
                 c0 = time.process_time()
                 walls = []

@@ -192,10 +192,17 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int | None = None) -> None:
     import signal
 
     import cv2
+
+    if parent_pid is not None:
+        from tfpneumo.procs import die_with_parent
+
+        # A parent killed by -9 (an out-of-memory kill) cannot shut the pool down; without
+        # this its workers would go on writing shards that a rerun writes too.
+        die_with_parent(parent_pid)
 
     # Ctrl-C reaches the whole process group: only the main process handles it (it cancels
     # the queued shards and lets the running ones finish, whole), so workers ignore it.
@@ -454,6 +461,7 @@ def prepare_cache(data_dir: str | Path, out: str | Path, cfg: Config,
         if pool is None:
             # spawn, never fork: the workers import TensorFlow, which is not fork-safe.
             pool = ProcessPoolExecutor(max_workers=n, initializer=_worker_init,
+                                       initargs=(os.getpid(),),
                                        mp_context=multiprocessing.get_context("spawn"))
         return pool
 

@@ -53,6 +53,11 @@ class LocalService:
     box: Any  # tfpneumo.procs.Box
     address: str  # "grpc://127.0.0.1:port"
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the worker processes (for CPU accounting)."""
+        return list(self.box.info["workers"])
+
 
 def _start_worker(dispatcher_address: str, augments, host: str, port: int):
     """Registers the heavy transforms of ``augments`` then starts a WorkerServer (serving)."""
@@ -175,7 +180,7 @@ def _serve_until_interrupted(server) -> None:
 def _serve_in_box(payload, ports: list[int]):
     """The local service inside its network namespace (:func:`tfpneumo.procs.start_box`):
     the dispatcher on ``ports[0]`` in this process, one worker process per other port; returns
-    once every worker registered, with the callable that stops them all."""
+    once every worker registered, with the callable that stops them all and the workers' pids."""
     n_workers, augments, timeout = payload
     from tfpneumo import compat
     from tfpneumo.tfimport import quiet_tensorflow
@@ -218,7 +223,7 @@ def _serve_in_box(payload, ports: list[int]):
     except BaseException:
         stop()
         raise
-    return stop
+    return stop, {"workers": [p.pid for p in workers]}
 
 
 def start_local_service(n_workers: int, augments=(), timeout: float = 60.0
