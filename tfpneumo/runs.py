@@ -14,6 +14,7 @@
         oof.npz                those of the network "auto" picks (the averaged one if any)
         result.json            summary; written last: a fold with it is trained
         stages/<name>/         one such folder per stage when the config has several
+        .lock                  while a ``train`` of this fold runs (:func:`locked`)
     evaluation.json evaluation_images.csv evaluation_heatmap.png      (tfpneumo evaluate)
     evaluation_<kind>.json ...   (tfpneumo evaluate --weights <kind>: that network's rule)
 
@@ -22,8 +23,14 @@ This module is the only place that knows these names.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
-from collections.abc import Sequence
+import secrets
+import socket
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +47,7 @@ OOF = "oof.npz"
 RESULT = "result.json"  # a fold's; written last
 STAGE_RESULT = "stage.json"  # a stage's; written last
 STAGES = "stages"
+LOCK = ".lock"  # a fold folder's, while train runs; <output>.lock for submit
 EVALUATION_JSON = "evaluation.json"  # of --weights auto; evaluation_names() for the others
 
 # Saved networks by kind; "auto" takes the first that exists in this order: an averaged
@@ -148,3 +156,117 @@ def ensemble_files(experiment: str, folds: FoldSpec = "all", weights: str = "aut
     """The saved network of each requested trained fold, in fold order."""
     return [network_file(fold_dir(experiment, k, workdir), weights)
             for k in resolve_trained_folds(experiment, folds, workdir)]
+
+
+# ----------------------------------------------------------------------------- locks
+
+class LockError(TfpneumoError):
+    """A lock file could not be taken."""
+
+
+class Locked(LockError):
+    """Another living process holds the lock."""
+
+
+def _start_marker(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks after boot), to tell a reused pid from
+    the lock's holder; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool:
+    """False if the lock's holder is known to be gone: same host, and its pid is not running
+    (or runs a process that started at another time: the pid was reused)."""
+    if holder.get("host") != socket.gethostname():
+        return True  # cannot tell from here
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    marker = _start_marker(pid)
+    return marker is None or holder.get("start") in (None, marker)
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock's content; None when it vanished; ``{}`` when it is not (yet) readable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, what: str) -> Iterator[None]:
+    """Holds the lock file ``path`` (its folder must exist) for the ``with`` block.
+
+    The file is created atomically (``O_CREAT | O_EXCL``) with this process's pid, start time,
+    host and a token, and removed when the block ends, normally or by an exception. A lock
+    left by a process killed by -9 is stale: on the same host its pid no longer runs (or a
+    later process has the pid) and the next run takes it over.
+
+    Raises:
+        LockError: the lock file cannot be written (a full disk, no permission).
+        Locked: a living process holds it (the one line names ``what``, the folder, the pid
+            and host, and the file to remove if that process is known to be gone).
+    """
+    path = Path(path)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_marker(os.getpid()),
+          "token": secrets.token_hex(8), "what": what}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError as e:
+            if not isinstance(e, FileExistsError):
+                raise LockError(f"{path}: cannot write ({e.strerror or e})") from None
+            holder = _read_lock(path)
+            if holder is None:
+                continue  # released meanwhile
+            if not holder:  # being written right now, or garbage left by a crash
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age < 10:
+                    raise Locked(f"{path.parent}: {what} refused, another process is taking "
+                                 f"its lock ({path})") from None
+            elif _holder_alive(holder):
+                raise Locked(f"{path.parent}: {what} refused, {holder.get('what', 'a run')} "
+                             f"of process {holder.get('pid')} on {holder.get('host')} holds it "
+                             f"(remove {path} if that process is gone)") from None
+            try:
+                path.unlink()  # stale: its holder is gone
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise Locked(f"{path.parent}: {what} refused, cannot remove the stale lock "
+                             f"{path} ({e.strerror or e})") from None
+            continue
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(me) + "\n")
+        except OSError as e:  # a full disk
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise LockError(f"{path}: cannot write ({e.strerror or e})") from None
+        break
+    else:
+        raise Locked(f"{path.parent}: {what} refused, its lock {path} keeps changing hands")
+    try:
+        yield
+    finally:
+        held = _read_lock(path)
+        if held and held.get("token") == me["token"]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

@@ -339,3 +339,19 @@ def test_sample_submission_quirks_and_duplicates(tmp_path):
 def test_real_stage2_sample_submission_reads(siim_dir):
     ids = read_sample_ids(siim_dir / "stage_2_sample_submission.csv")
     assert len(ids) == len(set(ids)) == 3205 and ids[0] == "ID_0011fe81e"
+
+
+def test_a_second_submit_to_the_same_file_is_refused(siim_mini, tmp_path):
+    """While one submit writes sub.csv (it holds sub.csv.lock), another is refused in one line
+    and leaves the file, its temporary and the lock alone."""
+    from tfpneumo.runs import Locked, locked
+
+    cfg = make_run(tmp_path)
+    out = tmp_path / "sub.csv"
+    with locked(tmp_path / "sub.csv.lock", "submit"):
+        with pytest.raises(Locked, match=rf"^{tmp_path}: submit refused, submit of process \d+"):
+            submit(cfg, out=out, data=siim_mini, rule={"bottom": 0.5}, size=64,
+                   workdir=tmp_path, progress=False)
+        assert (tmp_path / "sub.csv.lock").exists()
+    assert not out.exists() and not (tmp_path / "sub.csv.tmp").exists()
+    assert not (tmp_path / "sub.csv.lock").exists()

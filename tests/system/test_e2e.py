@@ -156,6 +156,7 @@ def test_kill_during_second_epoch_then_resume(demo_workdir: Path):
             proc.kill()
     state = json.loads((run / "state" / "state.json").read_text())
     assert state["completed_epochs"] == 1
+    assert (run / ".lock").exists()  # left by the killed run: stale, the rerun takes it over
     saved_iterations = _optimizer_iterations(run)
     assert saved_iterations == 8
 
@@ -166,6 +167,7 @@ def test_kill_during_second_epoch_then_resume(demo_workdir: Path):
     rows = (run / "history.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
     assert _optimizer_iterations(run) == 24  # the schedule continued where it stopped
+    assert not (run / ".lock").exists()
 
 
 def _optimizer_iterations(run: Path) -> int:

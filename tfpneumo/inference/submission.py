@@ -156,11 +156,26 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
                          hflip=hflip, scales=scales, workdir=workdir)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SubmitError(f"{e.filename or out}: cannot write ({e.strerror or e})") from e
+    # Two submits to one file would write the same temporary file at once.
+    with runs.locked(out.with_name(f"{out.name}.lock"), "submit"):
+        positives = _write_submission(out, ids, items, ensemble, decision, rle, progress)
+    return (f"wrote {out}: {len(ids)} images, {positives} with a mask "
+            f"({100.0 * positives / len(ids):.1f}%), {rle} RLE; {ensemble.describe()}; "
+            f"thresholds {decision.describe()} ({source}); "
+            f"{time.perf_counter() - start:.1f} s{untrained_note(cfg, ensemble.files)}")
+
+
+def _write_submission(out: Path, ids: Sequence[str], items, ensemble, decision, rle: str,
+                      progress: bool) -> int:
+    """Writes the CSV through a temporary file and checks it; returns the positive count."""
     bar = Progress(f"submit {out}", len(items), progress)
     shapes: dict[str, tuple[int, int]] = {}
     positives = 0
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             with open(tmp, "w", encoding="utf-8", newline="") as f:
                 writer = csv.writer(f, lineterminator="\n")
@@ -180,10 +195,7 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
             _check_csv(tmp, ids, rle, shapes)
     except OSError as e:
         raise SubmitError(f"{e.filename or out}: cannot write ({e.strerror or e})") from e
-    return (f"wrote {out}: {len(ids)} images, {positives} with a mask "
-            f"({100.0 * positives / len(ids):.1f}%), {rle} RLE; {ensemble.describe()}; "
-            f"thresholds {decision.describe()} ({source}); "
-            f"{time.perf_counter() - start:.1f} s{untrained_note(cfg, ensemble.files)}")
+    return positives
 
 
 def _check_csv(path: Path, ids: Sequence[str], fmt: str,

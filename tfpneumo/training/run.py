@@ -88,6 +88,19 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
     result_path = run_dir / runs.RESULT
     if result_path.exists():
         return json.loads(result_path.read_text())
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TfpneumoError(f"{run_dir}: cannot create the run folder ({e.strerror or e})") from e
+    # Two runs of one fold would both train and leave a folder mixed from both.
+    with runs.locked(run_dir / runs.LOCK, f"train fold {fold}"):
+        if result_path.exists():  # the other run finished while this one waited to start
+            return json.loads(result_path.read_text())
+        return _train_fold_locked(cfg, fold, run_dir, service)
+
+
+def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | None) -> dict:
+    result_path = run_dir / runs.RESULT
     _check_same_config(cfg, run_dir)
     dump_config(cfg, run_dir / runs.CONFIG)
     runtime = resolve_runtime(cfg.train)
