@@ -77,3 +77,37 @@ def test_service_worker_count_of_a_dispatcher(tf):
         assert compat.service_worker_count(dispatcher) == 0
     finally:
         dispatcher._stop()
+
+
+def test_weights_h5_bytes_is_the_file_save_weights_writes(tf, tmp_path):
+    """Same HDF5 datasets with the same values as ``save_weights``, and ``load_weights``
+    reads it back (private saving_lib API: H5IOStore on a BytesIO, _save_state)."""
+    import h5py
+    import keras
+    import numpy as np
+
+    from tfpneumo import compat
+
+    def tiny():
+        inp = keras.Input((8, 8, 1))
+        x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inp))
+        return keras.Model(inp, keras.layers.Dense(2)(x))
+
+    keras.utils.set_random_seed(1)
+    net = tiny()
+    (tmp_path / "mem.weights.h5").write_bytes(compat.weights_h5_bytes(net))
+    net.save_weights(tmp_path / "disk.weights.h5")
+
+    def datasets(path):
+        found = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: found.update(
+                {name: obj[()]} if isinstance(obj, h5py.Dataset) else {}))
+        return found
+
+    mem, disk = datasets(tmp_path / "mem.weights.h5"), datasets(tmp_path / "disk.weights.h5")
+    assert sorted(mem) == sorted(disk) and len(mem) == len(net.weights)
+    assert all(np.array_equal(mem[k], disk[k]) for k in mem)
+    other = tiny()
+    other.load_weights(tmp_path / "mem.weights.h5")
+    assert all(np.array_equal(a, b) for a, b in zip(other.get_weights(), net.get_weights(), strict=True))

@@ -24,6 +24,9 @@ entry                                 why
                                       per-process counter; tf.data service workers need a
                                       stable key
 :func:`service_worker_count`          ``DispatchServer`` has no public worker count
+:func:`weights_h5_bytes`              ``save_weights`` writes through HDF5, which crashes
+                                      (SIGSEGV) closing a file it could not write (full
+                                      disk); private ``saving_lib`` makes the bytes in memory
 :data:`MULTI_WORKER_FIT`              Keras 3 ``fit`` fails under MultiWorkerMirroredStrategy
                                       (keras-team/keras#20585, tensorflow/tensorflow#72388)
 ====================================  =========================================================
@@ -87,6 +90,27 @@ def register_py_func(token: str, fn) -> None:
     from tensorflow.python.ops import script_ops
 
     script_ops._py_funcs._funcs[token] = fn
+
+
+def weights_h5_bytes(model) -> bytes:
+    """The ``.weights.h5`` file ``model.save_weights`` writes, made in memory.
+
+    ``keras.src.saving.saving_lib.save_weights_only`` with an ``io.BytesIO`` store: on a full
+    disk the plain write of these bytes fails with a clean OSError, where HDF5 writing the file
+    itself raises, prints tracebacks from h5py's deallocators, then crashes.
+    """
+    import io
+
+    from keras.src.saving import saving_lib
+
+    buffer = io.BytesIO()
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    try:
+        saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                               visited_saveables=set())
+    finally:
+        store.close()
+    return buffer.getvalue()
 
 
 def service_worker_count(dispatcher) -> int:

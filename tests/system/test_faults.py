@@ -296,3 +296,55 @@ def test_submit_disk_full(submit_run, tmpfs, monkeypatch):
                                      "No space left on device")
     assert out.read_bytes() == old
     assert sorted(p.name for p in tmpfs.iterdir()) == ["filler", "submission.csv"]
+
+
+# ----------------------------------------------------------------------------- train
+
+def test_train_checkpoint_disk_full(tmpfs, tf, capfd):
+    """The checkpoint writer of train (RunState's top-k, no training): on a full disk a clean
+    OSError naming the checkpoint, no h5py tracebacks, and the files already there whole (HDF5
+    writing the file itself raised, printed tracebacks, then crashed the process)."""
+    import types
+
+    import keras
+
+    from tfpneumo.training.callbacks import RunState
+
+    inp = keras.Input((16, 16, 1))
+    net = keras.Model(inp, keras.layers.Conv2D(64, 3)(keras.layers.Conv2D(64, 3)(inp)))  # ~150 KB
+    run = tmpfs / "fold_0"
+    state = RunState(run, (0.5,), top_k=2, trainer=types.SimpleNamespace(net=net))
+    state._update_top_k(0, 0.5)
+    first = run / "checkpoints" / "epoch001-dice0.5000.weights.h5"
+    kept = {p: p.read_bytes() for p in (first, run / "best.weights.h5")}
+    fill(tmpfs, 16 * 1024)
+    with pytest.raises(OSError) as info:
+        state._update_top_k(1, 0.7)  # better: a new checkpoint and a new best.weights.h5
+    second = run / "checkpoints" / "epoch002-dice0.7000.weights.h5"
+    assert str(info.value) == f"[Errno 28] No space left on device: '{second}'"
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert sorted(p.name for p in run.rglob("*")) == sorted(
+        ["checkpoints", first.name, "best.weights.h5"])
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_train_full_disk_is_a_one_line_error(tmp_path, tf, monkeypatch):
+    """ENOSPC from anywhere in a fold's training: one line naming the file, lock released."""
+    import errno
+
+    from tfpneumo import TfpneumoError
+    from tfpneumo.training import run
+
+    path = tmp_path / "runs" / "full" / "fold_0" / "state" / "epoch-0002.npz"
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(run, "_train_fold_locked", full)
+    cfg = load_config(None, ["experiment=full", f"data.cache={tmp_path / 'no-cache'}"])
+    with pytest.raises(TfpneumoError) as info:
+        run.train_fold(cfg, 0, tmp_path)
+    assert str(info.value) == (f"{path}: cannot write (No space left on device); free space "
+                               "and rerun to resume")
+    assert not (tmp_path / "runs" / "full" / "fold_0" / ".lock").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfpneumo import runs
+from tfpneumo import compat, runs
 from tfpneumo.errors import TfpneumoError
 from tfpneumo.files import atomic_path, write_bytes, write_json, write_npz
 
@@ -28,6 +28,16 @@ def score_from_logs(logs: dict, thresholds) -> float:
     if not values:
         raise KeyError("no val_mask_dice@<t> in the epoch logs: validation did not run")
     return max(values)
+
+
+def write_weights(path: Path, net) -> None:
+    """``net.save_weights(path)``, atomically, with the file made in memory first: HDF5
+    writing to a full disk crashes the process (:func:`tfpneumo.compat.weights_h5_bytes`).
+    Raises OSError naming ``path``."""
+    try:
+        write_bytes(path, compat.weights_h5_bytes(net))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 class RunState(keras.callbacks.Callback):
@@ -147,8 +157,7 @@ class RunState(keras.callbacks.Callback):
         mine = next((e for e in keep if e["epoch"] == epoch + 1), None)
         if mine is not None:
             path = self.ckpt_dir / f"epoch{epoch + 1:03d}-dice{score:.4f}.weights.h5"
-            with atomic_path(path, keep_suffix=True) as tmp:
-                self.trainer.net.save_weights(tmp)
+            write_weights(path, self.trainer.net)
             mine["path"] = path.name
         for gone in entries[self.top_k:]:
             if gone["path"]:

@@ -7,7 +7,9 @@ are also copied to the fold folder.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import sys
 import time
@@ -26,7 +28,7 @@ from tfpneumo.tfimport import quiet_tensorflow
 tf = quiet_tensorflow()
 import keras  # noqa: E402
 
-from tfpneumo.training.callbacks import ImagePanels, LearningRateLogger, NaNLossError, RunState  # noqa: E402
+from tfpneumo.training.callbacks import ImagePanels, LearningRateLogger, NaNLossError, RunState, write_weights  # noqa: E402
 from tfpneumo.training.trainer import Runtime, Trainer, build_optimizer, resolve_runtime  # noqa: E402
 
 # A run "learned" when its network beats predicting every image empty by this much (Dice).
@@ -96,7 +98,15 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
     with runs.locked(run_dir / runs.LOCK, f"train fold {fold}"):
         if result_path.exists():  # the other run finished while this one waited to start
             return json.loads(result_path.read_text())
-        return _train_fold_locked(cfg, fold, run_dir, service)
+        try:
+            return _train_fold_locked(cfg, fold, run_dir, service)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise
+            # Each artefact is written through a temporary file: the previous epoch's state
+            # and checkpoints are whole, and a rerun resumes from them once there is room.
+            raise TfpneumoError(f"{e.filename or run_dir}: cannot write ({os.strerror(e.errno)}); "
+                                f"free space and rerun to resume") from None
 
 
 def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | None) -> dict:
@@ -279,13 +289,13 @@ def _finish_stage(cfg: Config, fold: int, stage_dir: Path, net, state: RunState,
     by_kind: dict[str, dict] = {}
 
     def save(kind: str) -> None:
+        # A .keras archive: Keras makes its HDF5 part in memory, then zips it to the file.
         with atomic_path(stage_dir / runs.NETWORKS[kind], keep_suffix=True) as tmp:
             net.save(tmp)
         by_kind[kind] = out_of_fold_statistics(net, val_ds)
         write_npz(stage_dir / runs.oof_name(kind), **by_kind[kind], fold=fold, model=kind)
 
-    with atomic_path(stage_dir / runs.FINAL_WEIGHTS, keep_suffix=True) as tmp:
-        net.save_weights(tmp)
+    write_weights(stage_dir / runs.FINAL_WEIGHTS, net)
     save("final")
     if state.top:
         net.load_weights(stage_dir / runs.BEST_WEIGHTS)
