@@ -183,3 +183,20 @@ def test_die_with_parent_exits_when_the_parent_is_already_gone():
     code = "import os; from tfpneumo.procs import die_with_parent; die_with_parent(os.getppid()); print('alive')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout == "alive\n"
+
+
+def test_local_service_without_namespaces_runs_in_this_process(monkeypatch, capsys):
+    """Where no private network namespace can be made, ``data.service: local`` warns in one
+    line and preprocesses in the training process rather than open ports to the network."""
+    from tfpneumo.data import service
+
+    def refuse(n, augments=()):
+        raise NamespaceUnavailable("no private network namespace on this machine "
+                                   "(OSError: [Errno 1] unshare: Operation not permitted)")
+
+    monkeypatch.setattr(service, "start_local_service", refuse)
+    with service.input_service("local:2") as address:
+        assert address is None
+    err = capsys.readouterr().err
+    assert err.startswith("warning: data.service local:2: no private network namespace") and \
+        err.count("\n") == 1, err

@@ -14,10 +14,15 @@ On one machine (what ``data.service: local:N`` does in ``tfpneumo train``)::
     finally:
         stop_local_service(handles)
 
+TensorFlow's servers listen on every interface, unauthenticated (no option chooses the
+address), so the local service runs in a private network namespace and this machine reaches
+it through relays on 127.0.0.1 (:func:`tfpneumo.procs.start_box`).
+
 Across machines: ``tfpneumo data-service --port 5050`` (dispatcher) on one host,
 ``tfpneumo data-worker --dispatcher HOST:5050 --config CFG`` on each preprocessing host, and
 ``--set data.service=grpc://HOST:5050`` for training (:func:`serve_dispatcher`,
-:func:`serve_worker`).
+:func:`serve_worker`); those listen on every interface and warn so: run them only inside a
+trusted network (README).
 
 A worker can run the heavy transforms of the augmentation settings it registered
 (:func:`tfpneumo.data.augment.register_heavy`; ``augments`` here, ``--config`` for
