@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tfpneumo.errors import TfpneumoError, first_line
@@ -121,9 +122,13 @@ def start_box(target: str, payload, n_ports: int, timeout: float = 120.0) -> Box
             s.listen(64)
         ports = [s.getsockname()[1] for s in listeners]
         fds = [s.fileno() for s in listeners]
+        # The same tfpneumo as this process's, wherever it was imported from.
+        here = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [here, *filter(None, [os.environ.get("PYTHONPATH")])])}
         proc = subprocess.Popen(
             [sys.executable, "-c", "from tfpneumo.procs import _box_main; _box_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds, env=env,
             start_new_session=True)  # a Ctrl-C is for the parent, which then stops the box
         msg = pickle.dumps({"target": target, "payload": payload, "ports": ports, "fds": fds})
         proc.stdin.write(struct.pack("<Q", len(msg)) + msg)
