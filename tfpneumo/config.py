@@ -66,7 +66,8 @@ class DataConfig:
         _check(self.batch_size >= 1, prefix, "batch_size", "must be >= 1")
         for name in ("positive_rate_start", "positive_rate_end"):
             rate = getattr(self, name)
-            _check(rate is None or 0.0 < rate < 1.0, prefix, name, "must be in (0, 1) or null")
+            # 1.0: positive images only (the 34th place's third stage)
+            _check(rate is None or 0.0 < rate <= 1.0, prefix, name, "must be in (0, 1] or null")
         _check((self.positive_rate_start is None) == (self.positive_rate_end is None), prefix,
                "positive_rate_end", "set both positive_rate_start and _end, or neither")
         _check(self.shuffle_buffer >= 1, prefix, "shuffle_buffer", "must be >= 1")
