@@ -759,3 +759,16 @@ def test_batch_dice_and_positives_only_do_not_mix():
     assert cfg.loss.focal_alpha is None and cfg.loss.dice_smooth == 1e-6
     with pytest.raises(ConfigError, match="loss.dice_smooth"):
         load_config(None, ["loss.dice_smooth=0"])
+
+
+def test_recipe_loss_forms_trace_under_xla_and_dynamic_shapes():
+    t, p = random_batch(24)
+    z = np_logit(p).astype(np.float32)
+    loss = L.build_losses(LossConfig(focal_alpha=None, dice_smooth=1e-6, dice_per_image=False,
+                                     mask_positives_only=False))[0]["mask"]
+    eager = f(loss(t, z))
+    spec = tf.TensorSpec((None, None, None, 1), tf.float32)
+    xla = tf.function(lambda a, b: loss(a, b), jit_compile=True)(t, z)
+    dynamic = tf.function(lambda a, b: loss(a, b), input_signature=[spec, spec])(t, z)
+    for got in (xla, dynamic):
+        assert f(got) == pytest.approx(eager, rel=1e-5)
