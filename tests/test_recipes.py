@@ -45,6 +45,7 @@ FIRST = {  # sneddy, unet_pipeline/experiments/albunet_valid/ (P0..P2, S2 = trai
     "model.attention": "none",                    # ternausnets.py:150-226, no attention
     "model.skip_dropout": 0.0,                    # ternausnets.py:150-226, no dropout
     "model.bn_momentum": 0.9,                     # torch BatchNorm2d default momentum 0.1
+    "model.mask_prior": 0.5,                      # ternausnets.py:202 nn.Conv2d default init
     "loss.mask": "combo",                         # P0:37-39 ComboLoss
     "loss.combo_bce": 3.0,                        # P0:42
     "loss.combo_dice": 1.0,                       # P0:43
@@ -126,6 +127,7 @@ FOURTH = {  # amirassov, configs/resnet34_768_unet.yaml (C) unless said
     "model.head_dropout": 0.0,                     # src/models/unet.py:216-230 avgpool -> fc
     "model.head_pool": "avg",                      # src/models/unet.py:216 AdaptiveAvgPool2d
     "model.bn_momentum": 0.9,                      # torch BatchNorm2d default momentum 0.1
+    "model.mask_prior": 0.5,                       # src/models/unet.py:28-29 bias zero_()
     "loss.mask": "combo",                          # C:15 ComboSuperVisionLoss
     "loss.combo_bce": 3.0,                         # C:18
     "loss.combo_dice": 1.0,                        # C:19
@@ -169,6 +171,7 @@ THIRTY_FOURTH = {  # zdaiot, train_sfold_stage2.py (T), solver.py (S)
     "model.decoder_filters": (256, 128, 64, 32, 16),  # smp.Unet decoder_channels default
     "model.attention": "none",                     # S:90 smp.Unet default
     "model.bn_momentum": 0.9,                      # torch BatchNorm2d default momentum 0.1
+    "model.mask_prior": 0.5,                       # S:90 smp.Unet, no prior initialisation
     "loss.label_weight": 0.0,                      # S:90 one output, no head
     "loss.dice_per_image": True,                   # utils/loss.py:98-107 per sample, mean
     "loss.combo_focal": 0.0,                       # utils/loss.py:155-174 BCE + Dice only
