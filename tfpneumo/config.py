@@ -66,7 +66,8 @@ class DataConfig:
         _check(self.batch_size >= 1, prefix, "batch_size", "must be >= 1")
         for name in ("positive_rate_start", "positive_rate_end"):
             rate = getattr(self, name)
-            _check(rate is None or 0.0 < rate < 1.0, prefix, name, "must be in (0, 1) or null")
+            # 1.0: positive images only (the 34th place's third stage)
+            _check(rate is None or 0.0 < rate <= 1.0, prefix, name, "must be in (0, 1] or null")
         _check((self.positive_rate_start is None) == (self.positive_rate_end is None), prefix,
                "positive_rate_end", "set both positive_rate_start and _end, or neither")
         _check(self.shuffle_buffer >= 1, prefix, "shuffle_buffer", "must be >= 1")
@@ -146,7 +147,12 @@ class LossConfig:
     combo_lovasz: float = 0.0
     log_dice_gamma: float = 0.3
     focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
+    # None: no alpha weighting, -(1-p_t)^gamma log(p_t) on every pixel (the 1st place's focal).
+    focal_alpha: float | None = 0.25
+    # Dice smoothing s in (2 sum(pt) + s) / (sum(p) + sum(t) + s); per image, or over the whole
+    # batch as one volume when dice_per_image is false (the 1st and 4th places' Dice).
+    dice_smooth: float = 1.0
+    dice_per_image: bool = True
     ohem_ratio: float = 0.1
     mask_positives_only: bool = True
     mask_weight: float = 1.0
@@ -156,7 +162,13 @@ class LossConfig:
         for name in ("combo_bce", "combo_dice", "combo_focal", "combo_lovasz", "mask_weight",
                      "label_weight", "log_dice_gamma", "focal_gamma"):
             _check(getattr(self, name) >= 0.0, prefix, name, "must be >= 0")
-        _check(0.0 <= self.focal_alpha <= 1.0, prefix, "focal_alpha", "must be in [0, 1]")
+        _check(self.focal_alpha is None or 0.0 <= self.focal_alpha <= 1.0, prefix, "focal_alpha",
+               "must be in [0, 1], or null for no alpha weighting")
+        _check(self.dice_smooth > 0.0, prefix, "dice_smooth", "must be > 0")
+        _check(self.dice_per_image or not self.mask_positives_only
+               or self.mask not in ("dice", "combo"), prefix, "dice_per_image",
+               "false (one Dice over the batch) needs mask_positives_only: false (that average "
+               "is over images)")
         _check(0.0 < self.ohem_ratio <= 1.0, prefix, "ohem_ratio", "must be in (0, 1]")
         _check(self.mask != "combo" or self.combo_bce + self.combo_dice + self.combo_focal
                + self.combo_lovasz > 0, prefix, "combo_bce", "combo needs a positive weight")
