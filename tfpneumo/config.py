@@ -95,6 +95,9 @@ class DataConfig:
     memory_budget_gb: float = 4.0
     num_parallel_calls: int = -1
     service: str | None = None
+    # Largest DICOM accepted by prepare, predict and submit, as decoded pixel data (rows x
+    # columns x bits allocated), checked in the header before decoding (tfpneumo.data.dicom).
+    max_dicom_mib: float = 128.0
 
     def validate(self, prefix: str) -> None:
         _check(self.image_size >= 32 and self.image_size % 32 == 0, prefix, "image_size",
@@ -110,6 +113,8 @@ class DataConfig:
                "num_parallel_calls", "must be -1 (AUTOTUNE) or >= 1")
         _check(self.service is None or re.fullmatch(SERVICE_RE, self.service) is not None, prefix,
                "service", "must be null, local, local:N (N >= 1 worker processes) or grpc://host:port")
+        _check(0.0 < self.max_dicom_mib < float("inf"), prefix, "max_dicom_mib",
+               "must be a positive number of MiB")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from tfpneumo import runs
 from tfpneumo.config import Config
 from tfpneumo.data import rle as rle_codec
-from tfpneumo.data.dicom import find_dicoms
+from tfpneumo.data.dicom import find_dicoms, read_header
 from tfpneumo.data.labels import check_id
 from tfpneumo.data.manifest import MANIFEST, find_cache_info
 from tfpneumo.errors import TfpneumoError, first_line
@@ -153,6 +153,8 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     sample = resolve_sample(data, sample_submission)
     ids = read_sample_ids(sample)
     items = match_test_files(ids, data / "dicom-images-test")
+    for _, path in items:  # ~1 ms each: an unreadable or too large DICOM fails before any model loads
+        read_header(path, cfg.data.max_dicom_mib)
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
                          hflip=hflip, scales=scales, workdir=workdir)
