@@ -284,6 +284,26 @@ def _headers(paths: list[str], pool: ProcessPoolExecutor | None,
     return results
 
 
+def _mark_duplicates(paths: list[str], headers: dict[str, dict | str]) -> None:
+    """The same image (SOPInstanceUID) under several file names would be cached twice, and
+    could sit in two folds (train and validation at once): one file is kept (the one named by
+    its UID, as SIIM names them, else the first of ``paths``), the others' headers become the
+    reason they are skipped."""
+    by_uid: dict[str, list[str]] = {}
+    for path in paths:
+        header = headers[path]
+        if isinstance(header, dict) and header.get("sop_instance_uid"):
+            by_uid.setdefault(header["sop_instance_uid"], []).append(path)
+    for uid, group in by_uid.items():
+        if len(group) < 2:
+            continue
+        keep = next((p for p in group if Path(p).stem == uid), group[0])
+        for path in group:
+            if path != keep:
+                headers[path] = (f"duplicate image: SOPInstanceUID {uid} is also {keep}, "
+                                 "which is cached instead")
+
+
 def _plan(table: LabelTable, labels_path: Path, train_files: dict[str, Path],
           test_files: dict[str, Path], cfg: Config, pool: ProcessPoolExecutor | None,
           skipped: list[dict]) -> tuple[list[Item], list[Item]]:
@@ -302,6 +322,7 @@ def _plan(table: LabelTable, labels_path: Path, train_files: dict[str, Path],
     test_ids = sorted(test_files)
     paths = [str(train_files[i]) for i in train_ids] + [str(test_files[i]) for i in test_ids]
     headers = dict(zip(paths, _headers(paths, pool, cfg.data.max_dicom_mib), strict=True))
+    _mark_duplicates(paths, headers)
 
     def usable(image_id: str, path: Path, row: int | None) -> dict | None:
         header = headers[str(path)]
