@@ -142,6 +142,9 @@ def test_declared_size_is_checked_before_decoding_uncompressed_too(tmp_path):
     small = hostile_dicom(tmp_path / "small.dcm", 1024, 1024, deflated=False)
     _refused(lambda: read_dicom(small, max_mib=0.5), small, "is 1 MiB decoded, over data.max_dicom_mib 0.5")
     assert read_dicom(small, max_mib=1)[0].shape == (1024, 1024)
+    # a file larger than the limit on disk: its header is checked before its pixels are read
+    big = hostile_dicom(tmp_path / "big.dcm", 2048, 2048, pixel_bytes=20 * MIB, deflated=False)
+    _refused(lambda: read_dicom(big, max_mib=1), big, "2048x2048 pixels at 8 bits is 4 MiB")
 
 
 def test_deflated_stream_longer_than_its_header_says_is_cut_off(tmp_path):

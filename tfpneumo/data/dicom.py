@@ -111,25 +111,35 @@ class _BoundedInflate(io.RawIOBase):
 
 def _dcmread(path: Path, stop_before_pixels: bool, max_mib: float) -> Any:
     """``pydicom.dcmread``, except that a deflated file is inflated by :class:`_BoundedInflate`
-    (pydicom's own reader inflates the whole file first)."""
+    (pydicom's own reader inflates the whole file first), and that the declared image size of
+    a full read is checked (:func:`_check_size`) before its pixel data is read when that could
+    be large: a deflated file, or a file larger than the limit."""
     import pydicom
     from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 
+    limit = int((max_mib + HEADER_SLACK_MIB) * _MIB)
     with open(path, "rb") as fp:
         preamble = read_preamble(fp, False)
         file_meta = _read_file_meta_info(fp)
+        start = fp.tell()
         if str(file_meta.get("TransferSyntaxUID", "")).strip("\x00 ") != _DEFLATED:
+            if not stop_before_pixels and os.fstat(fp.fileno()).st_size > limit:
+                fp.seek(0)
+                _check_size(path, pydicom.dcmread(fp, stop_before_pixels=True), max_mib)
             fp.seek(0)
             return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
-        limit = int((max_mib + HEADER_SLACK_MIB) * _MIB)
-        stream = _BoundedInflate(fp, limit)
-        try:
-            dataset = read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
-                                   stop_when=_at_pixel_data if stop_before_pixels else None)
-        except _TooLarge:
-            raise DicomError(f"{path}: deflated data inflates to more than {limit // _MIB} MiB "
-                             f"(data.max_dicom_mib {max_mib:g} + {HEADER_SLACK_MIB} MiB of "
-                             "header); refused") from None
+        for header_only in (True, False) if not stop_before_pixels else (True,):
+            fp.seek(start)
+            try:
+                dataset = read_dataset(_BoundedInflate(fp, limit), is_implicit_VR=False,
+                                       is_little_endian=True,
+                                       stop_when=_at_pixel_data if header_only else None)
+            except _TooLarge:
+                raise DicomError(f"{path}: deflated data inflates to more than {limit // _MIB} "
+                                 f"MiB (data.max_dicom_mib {max_mib:g} + {HEADER_SLACK_MIB} MiB "
+                                 "of header); refused") from None
+            if header_only:
+                _check_size(path, dataset, max_mib)
     ds = pydicom.dataset.FileDataset(str(path), dataset, preamble, file_meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds
@@ -290,9 +300,8 @@ def read_dicom(path: str | Path, max_mib: float = MAX_DICOM_MIB) -> tuple[np.nda
     path = Path(path)
     with pydicom.config.disable_value_validation(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # The header first (cheap, bounded), so that a too large image is refused before its
-        # pixel data is even read (or, deflated, inflated).
-        _check_size(path, _read(path, stop_before_pixels=True, max_mib=max_mib)[0], max_mib)
+        # _read checks the declared size before reading pixel data that could be large; here
+        # it is checked again before decoding (a JPEG of 60000 x 60000 is small on disk).
         ds, problems = _read(path, stop_before_pixels=False, max_mib=max_mib)
         _check_size(path, ds, max_mib)
         if "PixelData" not in ds:
