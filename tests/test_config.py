@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tfpneumo.config import Config, ConfigError, dump_config, load_config, read_yaml, to_dict
+from tfpneumo.config import Config, ConfigError, dump_config, load_config, read_yaml, replace, to_dict
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -86,3 +86,45 @@ def test_stages_override_the_base_config():
     assert (n1, c1.data.image_size, c1.train.freeze_encoder_epochs) == ("s512", 512, 1)
     assert (n2, c2.data.image_size, c2.data.batch_size) == ("s1024", 1024, 2)
     assert load_config().stage_configs()[0][0] == "main"
+
+
+def _laughs(levels: int = 9) -> str:
+    """"Billion laughs": 9 levels of 9 aliases each, 9**9 (387 million) items once expanded."""
+    names = "abcdefghijklmnop"
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip(names[:levels - 1], names[1:levels], strict=True):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    return "\n".join(lines) + f"\nexperiment: *{names[levels - 1]}\n"
+
+
+def test_yaml_aliases_are_refused_in_files_and_set_values(tmp_path):
+    # Issue 11: safe_load builds the bomb compactly (shared lists), but formatting it into the
+    # validation error expanded it: out of memory. Aliases are refused before anything is built.
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_laughs())
+    assert len(bomb.read_bytes()) < 500
+    for call in (lambda: read_yaml(bomb), lambda: load_config(bomb)):
+        with pytest.raises(ConfigError) as e:
+            call()
+        assert str(e.value).startswith(f"{bomb}: line 2: YAML aliases") and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^--set 'data.cache=\[&a \[x, x\], \*a\]': line 1: YAML aliases"):
+        load_config(None, ["data.cache=[&a [x, x], *a]"])
+    plain = tmp_path / "anchor-only.yaml"  # an anchor that is never used is harmless
+    plain.write_text("data: &d {batch_size: 3}\n")
+    assert load_config(plain).data.batch_size == 3
+
+
+def test_values_in_error_messages_are_bounded():
+    # Without aliases a value is as large as its file, but a message quotes at most 80 chars,
+    # and formatting never builds the whole repr (here 9**7 items through shared lists).
+    bomb: list = ["x"] * 9
+    for _ in range(6):
+        bomb = [bomb] * 9
+    for sections in ({"data": {"cache": bomb}}, {"data": {"batch_size": "9" * 10**6}},
+                     {"experiment": {"k" * 10**6: 1}}, {"data": {"k" * 10**6: 1}}):
+        with pytest.raises(ConfigError) as e:
+            replace(Config(), **sections)
+        assert len(str(e.value)) < 400 and "\n" not in str(e.value), str(e.value)[:1000]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["x" * 10**6])
+    assert len(str(e.value)) < 200

@@ -97,3 +97,15 @@ def test_train_refuses_a_fold_another_run_holds(tmp_path):
                                          f"process {os.getpid()}"):
             train_fold(cfg, 0, tmp_path)
     assert sorted(p.name for p in fold_dir.iterdir()) == []  # nothing written, lock released
+
+
+def test_locked_folder_removes_the_folders_it_made_when_left_empty(tmp_path):
+    """A run that failed on its inputs leaves nothing (tests/training/test_run.py); one that
+    wrote something keeps its folder."""
+    fold = tmp_path / "runs" / "x" / "fold_0"
+    with runs.locked_folder(fold, "train fold 0"):
+        assert (fold / runs.LOCK).exists()
+    assert not (tmp_path / "runs").exists()
+    with runs.locked_folder(fold, "train fold 0"):
+        (fold / "config.yaml").write_text("x: 1\n")
+    assert sorted(p.name for p in fold.iterdir()) == ["config.yaml"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,41 @@ SERVICE_RE = r"local(:[1-9][0-9]*)?|(grpc://)?(?!local:)[A-Za-z0-9.\-\[\]:]+:[0-
 
 class ConfigError(TfpneumoError):
     """A config key is unknown or its value is invalid."""
+
+
+# Values quoted in error messages: depth, items and length bounded while formatting (a plain
+# repr of a huge value would build the whole string first), then cut to SHOWN_CHARS.
+SHOWN_CHARS = 80
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxlevel, _REPR.maxlong, _REPR.maxstring, _REPR.maxother = 3, 40, SHOWN_CHARS, SHOWN_CHARS
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 6
+_REPR.maxdict = 4
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, at most :data:`SHOWN_CHARS` (+ ``...``) long."""
+    text = _REPR.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, mark) -> None:
+        super().__init__(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in "
+                         "configs; write the value out")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses aliases: nested anchors expand exponentially (a
+    400-byte "billion laughs" file is a 10⁹-item list), and configs never need them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass(frozen=True)
@@ -59,6 +95,9 @@ class DataConfig:
     memory_budget_gb: float = 4.0
     num_parallel_calls: int = -1
     service: str | None = None
+    # Largest DICOM accepted by prepare, predict and submit, as decoded pixel data (rows x
+    # columns x bits allocated), checked in the header before decoding (tfpneumo.data.dicom).
+    max_dicom_mib: float = 128.0
 
     def validate(self, prefix: str) -> None:
         _check(self.image_size >= 32 and self.image_size % 32 == 0, prefix, "image_size",
@@ -66,7 +105,8 @@ class DataConfig:
         _check(self.batch_size >= 1, prefix, "batch_size", "must be >= 1")
         for name in ("positive_rate_start", "positive_rate_end"):
             rate = getattr(self, name)
-            _check(rate is None or 0.0 < rate < 1.0, prefix, name, "must be in (0, 1) or null")
+            # 1.0: positive images only (the 34th place's third stage)
+            _check(rate is None or 0.0 < rate <= 1.0, prefix, name, "must be in (0, 1] or null")
         _check((self.positive_rate_start is None) == (self.positive_rate_end is None), prefix,
                "positive_rate_end", "set both positive_rate_start and _end, or neither")
         _check(self.shuffle_buffer >= 1, prefix, "shuffle_buffer", "must be >= 1")
@@ -74,6 +114,8 @@ class DataConfig:
                "num_parallel_calls", "must be -1 (AUTOTUNE) or >= 1")
         _check(self.service is None or re.fullmatch(SERVICE_RE, self.service) is not None, prefix,
                "service", "must be null, local, local:N (N >= 1 worker processes) or grpc://host:port")
+        _check(0.0 < self.max_dicom_mib < float("inf"), prefix, "max_dicom_mib",
+               "must be a positive number of MiB")
 
 
 @dataclass(frozen=True)
@@ -146,7 +188,12 @@ class LossConfig:
     combo_lovasz: float = 0.0
     log_dice_gamma: float = 0.3
     focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
+    # None: no alpha weighting, -(1-p_t)^gamma log(p_t) on every pixel (the 1st place's focal).
+    focal_alpha: float | None = 0.25
+    # Dice smoothing s in (2 sum(pt) + s) / (sum(p) + sum(t) + s); per image, or over the whole
+    # batch as one volume when dice_per_image is false (the 1st and 4th places' Dice).
+    dice_smooth: float = 1.0
+    dice_per_image: bool = True
     ohem_ratio: float = 0.1
     mask_positives_only: bool = True
     mask_weight: float = 1.0
@@ -156,7 +203,13 @@ class LossConfig:
         for name in ("combo_bce", "combo_dice", "combo_focal", "combo_lovasz", "mask_weight",
                      "label_weight", "log_dice_gamma", "focal_gamma"):
             _check(getattr(self, name) >= 0.0, prefix, name, "must be >= 0")
-        _check(0.0 <= self.focal_alpha <= 1.0, prefix, "focal_alpha", "must be in [0, 1]")
+        _check(self.focal_alpha is None or 0.0 <= self.focal_alpha <= 1.0, prefix, "focal_alpha",
+               "must be in [0, 1], or null for no alpha weighting")
+        _check(self.dice_smooth > 0.0, prefix, "dice_smooth", "must be > 0")
+        _check(self.dice_per_image or not self.mask_positives_only
+               or self.mask not in ("dice", "combo"), prefix, "dice_per_image",
+               "false (one Dice over the batch) needs mask_positives_only: false (that average "
+               "is over images)")
         _check(0.0 < self.ohem_ratio <= 1.0, prefix, "ohem_ratio", "must be in (0, 1]")
         _check(self.mask != "combo" or self.combo_bce + self.combo_dice + self.combo_focal
                + self.combo_lovasz > 0, prefix, "combo_bce", "combo needs a positive weight")
@@ -285,30 +338,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"config key {key}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"config key {key}: invalid value {shown(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"config key {key}: {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"config key {key}: {shown(value)} is not one of {list(choices)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a list, got {shown(value)}")
         (item_type, *_rest) = typing.get_args(tp) or (Any,)
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a mapping, got {shown(value)}")
         return _build(tp, value, f"{key}.")
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
+            raise ConfigError(f"config key {key}: expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+            raise ConfigError(f"config key {key}: expected an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -317,11 +370,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a number, got {shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a string, got {shown(value)}")
         return value
     raise ConfigError(f"config key {key}: unsupported type {tp}")
 
@@ -331,6 +384,7 @@ def _build(cls: type, overrides: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in overrides:
         if key not in names:
+            key = key if isinstance(key, str) and len(key) <= SHOWN_CHARS else shown(key)
             raise ConfigError(f"config key {prefix}{key}: unknown key (known: {sorted(names)})")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -355,15 +409,17 @@ def _merge(base: dict, overrides: dict) -> dict:
 def _parse_set(item: str) -> dict:
     """``"data.batch_size=4"`` -> ``{"data": {"batch_size": 4}}`` (value parsed as YAML)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
+        raise ConfigError(f"--set {shown(item)}: expected section.key=value")
     dotted, raw = item.split("=", 1)
     parts = dotted.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
+        raise ConfigError(f"--set {shown(item)}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw) if raw.strip() else ""
+    except _AliasRefused as e:
+        raise ConfigError(f"--set {shown(item)}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from e
+        raise ConfigError(f"--set {shown(item)}: value is not valid YAML ({e.__class__.__name__})") from e
     nested: Any = value
     for part in reversed(parts):
         nested = {part: nested}
@@ -371,14 +427,16 @@ def _parse_set(item: str) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Reads a YAML mapping with ``yaml.safe_load`` (Python tags are refused)."""
+    """Reads a YAML mapping with ``yaml.safe_load`` (Python tags are refused), aliases refused."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
+    except _AliasRefused as e:
+        raise ConfigError(f"{path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from e
     if data is None:

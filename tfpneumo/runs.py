@@ -270,3 +270,29 @@ def locked(path: str | Path, what: str) -> Iterator[None]:
         if held and held.get("token") == me["token"]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | Path, what: str) -> Iterator[None]:
+    """Creates ``folder`` when needed and holds its :data:`LOCK` (:func:`locked`) for the
+    ``with`` block. The folders this created are removed again when the block leaves them
+    empty, so that a run that failed on its inputs leaves nothing behind."""
+    folder = Path(folder)
+    created = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        created.append(p)  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LockError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        with locked(folder / LOCK, what):
+            yield
+    finally:
+        for p in created:
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                break

@@ -78,6 +78,14 @@ def test_schedule_resumes_at_initial_epoch(P, cache):
     assert abs(_share(labels) - 0.2) < _binomial_tol(0.2, 400)
 
 
+def test_positive_rate_one_gives_positives_only(P, cache):
+    folder, _ = cache
+    cfg = cfg_with(positive_rate_start=1.0, positive_rate_end=1.0, augment=OFF)
+    ds, _ = P.train_dataset(folder, -1, cfg, epochs=2, steps_per_epoch=5, seed=3)
+    labels = np.concatenate([y["label"][:, 0] for _, y in take(ds, 10)])
+    assert labels.size == 80 and np.all(labels == 1.0)
+
+
 def test_natural_ratio_without_schedule(P, cache):
     folder, _ = cache
     cfg = cfg_with(positive_rate_start=None, positive_rate_end=None, augment=OFF)

@@ -371,3 +371,34 @@ def test_synthetic_other_size_and_non_square(siim_mini, tmp_path, tf):
         expected = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(rec["image"])
         np.testing.assert_array_equal(clahe[image_id]["image"], expected)
         np.testing.assert_array_equal(clahe[image_id]["mask"], rec["mask"])
+
+
+def test_duplicate_sop_instance_uids_are_cached_once_and_listed(tmp_path, tf):
+    # Issue 11: the same image under two file names was cached twice (possibly in two folds).
+    from tfpneumo.data.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, n_train=4, n_test=1, size=64, positive_rate=0.5, seed=4)  # 2 pos, 2 neg
+    train_dir, test_dir = data / "dicom-images-train", data / "dicom-images-test"
+    train = {p.stem: p for p in train_dir.rglob("*.dcm")}
+    (test_file,) = test_dir.rglob("*.dcm")
+    first, second = sorted(train)[:2]
+    shutil.copy(train[first], train_dir / "copy-a.dcm")  # labelled under another name
+    shutil.copy(train[second], test_dir / train[second].name)  # a train image among the test
+    shutil.copy(test_file, test_dir / "copy-b.dcm")
+    with open(data / "train-rle.csv", "a", encoding="utf-8") as f:
+        f.write("copy-a, -1\n")
+    out = tmp_path / "cache"
+    summary = prepare_cache(data, out, _cfg(size=64, folds=2), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {Path(s["file"]).relative_to(data).as_posix(): s["reason"]
+               for s in manifest["skipped"]}
+    uid = "duplicate image: SOPInstanceUID {} is also {}, which is cached instead"
+    assert reasons == {
+        "dicom-images-train/copy-a.dcm": uid.format(first, train[first]),
+        f"dicom-images-test/{second}.dcm": uid.format(second, train[second]),
+        "dicom-images-test/copy-b.dcm": uid.format(test_file.stem, test_file),
+    }
+    assert manifest["counts"]["train"] == 4 and manifest["counts"]["test"] == 1, summary
+    assert sorted(_read_cache(out, "train")) == sorted(train)
+    assert list(_read_cache(out, "test")) == [test_file.stem]

@@ -97,6 +97,7 @@ def test_csv_has_every_sample_id_once_in_order_and_masks_at_1024(siim_mini, subm
         # predicted at 128 but written at the DICOM's own 1024x1024
         assert rle.decode(text, (1024, 1024), "relative").shape == (1024, 1024)
     assert "10 images" in submitted["summary"] and f"size {PRED_SIZE}" in submitted["summary"]
+    assert "not in the sample submission" not in submitted["summary"]
 
 
 def test_masks_match_the_hand_computed_oracle(submitted, oracle, split_thresholds):
@@ -165,6 +166,21 @@ def test_sample_id_without_dicom_is_an_error_and_writes_nothing(siim_mini, tmp_p
                rule={"bottom": 0.5}, size=64, workdir=tmp_path)
     assert "2 of 12" in str(info.value) and "\n" not in str(info.value)
     assert not out.exists() and not (tmp_path / "sub.csv.tmp").exists()
+
+
+def test_test_dicoms_the_sample_does_not_ask_for_are_noted(siim_mini):
+    # Issue 11: test DICOMs absent from the sample submission were ignored without a word;
+    # submit's summary now ends with this note (no model needed to check it).
+    from tfpneumo.inference.submission import match_test_files, unrequested_note
+
+    test_dir = siim_mini / "dicom-images-test"
+    ids = sample_ids(siim_mini)
+    items, extra = match_test_files(ids[:2], test_dir)
+    assert [i for i, _ in items] == ids[:2] and extra == sorted(ids[2:])
+    assert unrequested_note(extra, test_dir) == (
+        f"; note: 8 test DICOM(s) in {test_dir} are not in the sample submission and were not "
+        f"predicted ({', '.join(extra[:5])}, ...)")
+    assert match_test_files(ids, test_dir)[1] == [] and unrequested_note([], test_dir) == ""
 
 
 def test_empty_test_folder_is_an_error(tmp_path):

@@ -60,3 +60,81 @@ def test_not_a_keras_file_is_one_line(saved, tmp_path):
     with pytest.raises(TfpneumoError, match="cannot load model") as e:
         saved.load_network(path)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def _declare(path, member: str, size: int) -> None:
+    """Rewrites the uncompressed size that the zip's central directory declares for ``member``
+    (what zipfile, and so Keras, trust; nothing is inflated)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02")
+    while at >= 0:
+        name_len = struct.unpack_from("<H", data, at + 28)[0]
+        if data[at + 46:at + 46 + name_len] == member.encode():
+            struct.pack_into("<I", data, at + 24, size)
+            path.write_bytes(bytes(data))
+            return
+        at = data.find(b"PK\x01\x02", at + 4)
+    raise AssertionError(f"{member} not in the central directory")
+
+
+def test_archive_members_declared_sizes_are_checked_before_loading(saved, tmp_path):
+    # Issue 11: a .keras whose config.json is a zip bomb exhausted memory when read.
+    import zipfile
+
+    def archive(name: str, members: dict[str, bytes], deflated: bool = False):
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if deflated else zipfile.ZIP_STORED) as z:
+            for member, data in members.items():
+                z.writestr(member, data)
+        return path
+
+    config = b'{"config": {"layers": []}}'
+    cases = []
+    # a real bomb: 40 MiB of spaces in config.json, ~40 KB compressed
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z, z.open("config.json", "w") as f:
+        f.write(b"{" + b" " * (1 << 20))
+        for _ in range(39):
+            f.write(b" " * (1 << 20))
+    cases.append((bomb, "member config.json declares 41943041 bytes uncompressed (limit 16777216)"))
+    # config.json small, its declared size patched to 100 MB (zipfile would trust it)
+    liar = archive("liar.keras", {"metadata.json": b"{}", "config.json": config}, deflated=True)
+    _declare(liar, "config.json", 100_000_000)
+    cases.append((liar, "member config.json declares 100000000 bytes uncompressed"))
+    # two weight files of 4 GiB - 1 each: 8 GiB in all
+    huge = archive("huge.keras", {"config.json": config, "a.h5": b"x", "b.h5": b"y"}, deflated=True)
+    _declare(huge, "a.h5", 0xFFFFFFFF)
+    _declare(huge, "b.h5", 0xFFFFFFFF)
+    cases.append((huge, "declares 4294967295 bytes from 3 compressed (ratio over 100)"))
+    # stored (as Keras writes) but claiming more than it holds
+    stored = archive("stored.keras", {"config.json": config, "model.weights.h5": b"\0" * 100})
+    _declare(stored, "model.weights.h5", 3 << 30)
+    cases.append((stored, "is stored uncompressed but declares 3221225472 bytes in 100"))
+    # 2 MiB of zeros deflated: ratio ~1000
+    zeros = archive("zeros.keras", {"config.json": config, "model.weights.h5": bytes(2 << 20)},
+                    deflated=True)
+    cases.append((zeros, "ratio over 100"))
+    many = archive("many.keras", {"config.json": config, **{f"m{i}": b"" for i in range(1001)}})
+    cases.append((many, "1002 archive members"))
+    for path, needle in cases:
+        with pytest.raises(TfpneumoError) as e:
+            saved.load_network(path)
+        message = str(e.value)
+        assert message.startswith(f"{path}: ") and needle in message, message
+        assert message.endswith("; refused") and "\n" not in message, message
+    # members that pass one by one but not together (central directory entries only: a zip
+    # that really held them would be 5 GiB)
+    class Directory:
+        def __init__(self, sizes: dict[str, int]) -> None:
+            self.infos = [zipfile.ZipInfo(name) for name in sizes]
+            for info in self.infos:
+                info.file_size = info.compress_size = sizes[info.filename]
+
+        def infolist(self) -> list:
+            return self.infos
+
+    with pytest.raises(TfpneumoError, match=r"declare 5368709120 bytes uncompressed in all"):
+        saved.check_archive(tmp_path / "x.keras", Directory({"a.h5": 3 << 30, "b.h5": 2 << 30}))
+    saved.check_archive(tmp_path / "x.keras", Directory({"a.h5": 3 << 30, "b.h5": 1 << 30}))

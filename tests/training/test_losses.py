@@ -449,6 +449,8 @@ def test_composed_combo_serialization_and_compiled_model_round_trip(tmp_path):
 ALL_LOSSES = [
     L.BCELoss(epsilon=1e-6, name="b"),
     L.DiceLoss(smooth=0.5),
+    L.DiceLoss(smooth=1e-6, per_image=False, name="batch_dice"),
+    L.FocalLoss(alpha=None, name="focal_no_alpha"),
     L.LogDiceLoss(gamma=0.7, smooth=2.0),
     L.FocalLoss(gamma=1.0, alpha=0.6),
     L.LovaszHingeLoss(epsilon=1e-5),
@@ -630,3 +632,143 @@ def test_trainer_gives_logits_to_the_losses_and_probabilities_to_the_metrics(tf)
     logs = trainer.evaluate(np.zeros((1, 4, 4, 1), np.float32), y, verbose=0, return_dict=True)
     assert logs["loss"] == pytest.approx(30.0, rel=1e-5)
     assert logs["mask_dice"] == 0.0
+
+
+# ----------------------------------------------------------------- the recipes' loss forms
+# References written from the sources' formulas, over the whole batch at once (as the PyTorch
+# code computes them), in float64: sneddy/pneumothorax-segmentation unet_pipeline/Losses.py
+# (soft_dice_loss per_image=False, eps 1e-6; FocalLoss2d gamma 2: p and t clamped to
+# [1e-8, 1 - 1e-8], pt = (1-t)(1-p) + t p, mean of -(1-pt)^2 log pt) and
+# amirassov/kaggle-pneumothorax src/losses/dice.py (the same Dice with eps 1e-5).
+
+def np_sneddy_batch_dice_loss(t, p, eps=1e-6):
+    t, p = t.astype(np.float64).ravel(), p.astype(np.float64).ravel()
+    return 1 - (2 * np.sum(p * t) + eps) / (np.sum(p) + np.sum(t) + eps)
+
+
+def np_sneddy_focal(t, p, gamma=2.0, eps=1e-8):
+    p = np.clip(p.astype(np.float64).ravel(), eps, 1 - eps)
+    t = np.clip(t.astype(np.float64).ravel(), eps, 1 - eps)
+    pt = (1 - t) * (1 - p) + t * p
+    return np.mean(-((1 - pt) ** gamma) * np.log(pt))
+
+
+def np_stable_bce(t, z):
+    """sneddy's StableBCELoss on logits, mean over every element of the batch."""
+    z, t = z.astype(np.float64).ravel(), t.astype(np.float64).ravel()
+    return np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z))))
+
+
+T2 = np.concatenate([T1, np.zeros_like(T1)])            # image 2 is empty
+P2 = np.concatenate([P1, as4d([0.5, 0.0, 0.0, 0.0])])
+
+
+def test_batch_dice_hand_worked():
+    # Over both images as one volume: intersection 0.8, sum(p) 1.4 + 0.5, sum(t) 1.
+    for s in (1e-6, 1e-5, 1.0):
+        want = 1 - (2 * 0.8 + s) / (1.9 + 1 + s)
+        loss = L.DiceLoss(smooth=s, per_image=False)
+        assert f(loss(T2, P2)) == pytest.approx(want, rel=1e-6)
+        np.testing.assert_allclose(f(loss.call(T2, P2)), [want, want], rtol=1e-6)
+    # Per image it is another number: the empty image's Dice is s / (0.5 + s), ~0.
+    per_image = (1 - (1.6 + 1e-6) / (2.4 + 1e-6) + 1 - 1e-6 / (0.5 + 1e-6)) / 2
+    assert f(L.DiceLoss(smooth=1e-6)(T2, P2)) == pytest.approx(per_image, rel=1e-6)
+    # One image: batch Dice == per-image Dice.
+    assert f(L.DiceLoss(smooth=1.0, per_image=False)(T1, P1)) == pytest.approx(DICE1, rel=1e-6)
+
+
+def test_focal_without_alpha_hand_worked():
+    # -(1 - p_t)^2 log p_t per pixel, no class weight: p_t = 0.8, 0.8, 0.9, 0.7.
+    want = (0.2 ** 2 * -math.log(0.8) * 2 + 0.1 ** 2 * -math.log(0.9)
+            + 0.3 ** 2 * -math.log(0.7)) / 4
+    assert f(L.FocalLoss(gamma=2.0, alpha=None)(T1, P1)) == pytest.approx(want, rel=1e-6)
+    # alpha 0.5 weighs both classes by 0.5: exactly half of no alpha.
+    assert f(L.FocalLoss(alpha=0.5)(T1, P1)) == pytest.approx(want / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recipe_loss_forms_against_the_sources_formulas(seed):
+    t, p = random_batch(seed)
+    z = np_logit(p).astype(np.float32)
+    q = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    for eps in (1e-6, 1e-5):
+        for loss, probs in ((L.DiceLoss(smooth=eps, per_image=False), p),
+                            (L.DiceLoss(smooth=eps, per_image=False, from_logits=True), z)):
+            assert f(loss(t, probs)) == pytest.approx(np_sneddy_batch_dice_loss(t, q), rel=1e-5)
+    focal = np_sneddy_focal(t, q)
+    assert f(L.FocalLoss(alpha=None)(t, p)) == pytest.approx(focal, rel=1e-5)
+    assert f(L.FocalLoss(alpha=None, from_logits=True)(t, z)) == pytest.approx(focal, rel=1e-5)
+
+
+def test_first_place_combo_equals_sneddy_combo_loss():
+    """ComboLoss({bce: 3, dice: 1, focal: 4}) of sneddy's Losses.py, on logits, over a batch
+    with an empty image, against the mask loss built from siim_1st_place's loss keys."""
+    t, p = random_batch(21)
+    z = np_logit(p).astype(np.float32)
+    q = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    want = (3 * np_stable_bce(t, z) + np_sneddy_batch_dice_loss(t, q)
+            + 4 * np_sneddy_focal(t, q))
+    cfg = LossConfig(mask="combo", combo_bce=3, combo_dice=1, combo_focal=4, focal_alpha=None,
+                     dice_smooth=1e-6, dice_per_image=False, mask_positives_only=False)
+    losses, _ = L.build_losses(cfg)  # from_logits, as the trainer uses it
+    assert not isinstance(losses["mask"], L.PositivesOnly)
+    assert f(losses["mask"](t, z)) == pytest.approx(want, rel=1e-5)
+
+
+def test_fourth_place_supervision_loss_equals_amirassov_combo():
+    """ComboSuperVisionLoss(weights {bce: 3, dice: 1}, sv_weight 0.1) of amirassov's
+    src/losses/combo.py: 0.1 * BCE(empty logit, non_empty) + 0.9 * (3 BCE + Dice_batch)."""
+    t, p = random_batch(22)
+    z = np_logit(p).astype(np.float32)
+    q = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    y = (t.reshape(len(t), -1).max(axis=1, keepdims=True) > 0).astype(np.float32)
+    head = np.array([[1.5], [-0.3], [0.2], [2.0]], np.float32)
+    want = 0.1 * np_stable_bce(y, head) + 0.9 * (
+        3 * np_stable_bce(t, z) + np_sneddy_batch_dice_loss(t, q, eps=1e-5))
+    cfg = LossConfig(mask="combo", combo_bce=3, combo_dice=1, combo_focal=0, dice_smooth=1e-5,
+                     dice_per_image=False, mask_positives_only=False, mask_weight=0.9,
+                     label_weight=0.1)
+    losses, weights = L.build_losses(cfg)
+    total = (weights["mask"] * f(losses["mask"](t, z))
+             + weights["label"] * f(losses["label"](y, head)))
+    assert total == pytest.approx(want, rel=1e-5)
+
+
+def test_batch_dice_gradient_is_the_batch_dice_gradient():
+    """d/dp of the batch Dice: -(2 t (S + s) - (2 I + s)) / (S + s)^2 for every pixel."""
+    t, p = random_batch(23)
+    s = 1e-6
+    var = tf.Variable(p)
+    with tf.GradientTape() as tape:
+        loss = L.DiceLoss(smooth=s, per_image=False)(t, var)
+    g = tape.gradient(loss, var).numpy().astype(np.float64)
+    inter, total = float(np.sum(p * t)), float(np.sum(p) + np.sum(t))
+    want = -(2 * t * (total + s) - (2 * inter + s)) / (total + s) ** 2
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-9)
+
+
+def test_batch_dice_and_positives_only_do_not_mix():
+    with pytest.raises(L.LossError, match="batch"):
+        L.build_losses(LossConfig(dice_per_image=False, mask_positives_only=True))
+    from tfpneumo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.dice_per_image"):
+        load_config(None, ["loss.dice_per_image=false", "loss.mask_positives_only=true"])
+    cfg = load_config(None, ["loss.focal_alpha=null", "loss.dice_per_image=false",
+                             "loss.mask_positives_only=false", "loss.dice_smooth=1e-6"])
+    assert cfg.loss.focal_alpha is None and cfg.loss.dice_smooth == 1e-6
+    with pytest.raises(ConfigError, match="loss.dice_smooth"):
+        load_config(None, ["loss.dice_smooth=0"])
+
+
+def test_recipe_loss_forms_trace_under_xla_and_dynamic_shapes():
+    t, p = random_batch(24)
+    z = np_logit(p).astype(np.float32)
+    loss = L.build_losses(LossConfig(focal_alpha=None, dice_smooth=1e-6, dice_per_image=False,
+                                     mask_positives_only=False))[0]["mask"]
+    eager = f(loss(t, z))
+    spec = tf.TensorSpec((None, None, None, 1), tf.float32)
+    xla = tf.function(lambda a, b: loss(a, b), jit_compile=True)(t, z)
+    dynamic = tf.function(lambda a, b: loss(a, b), input_signature=[spec, spec])(t, z)
+    for got in (xla, dynamic):
+        assert f(got) == pytest.approx(eager, rel=1e-5)

@@ -19,6 +19,7 @@ Every step is deterministic: the same inputs and settings give byte-identical sh
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import multiprocessing
 import os
@@ -35,7 +36,7 @@ import numpy as np
 
 from tfpneumo.config import Config, dump_config, read_yaml, to_dict
 from tfpneumo.data import records
-from tfpneumo.data.dicom import DicomError, find_dicoms, read_dicom, read_header
+from tfpneumo.data.dicom import MAX_DICOM_MIB, DicomError, find_dicoms, read_dicom, read_header
 from tfpneumo.data.folds import assign_folds
 from tfpneumo.data.labels import LabelTable, find_labels, read_label_table
 from tfpneumo.data.manifest import write_manifest
@@ -88,6 +89,7 @@ class ShardTask:
     clahe: bool
     labels: str
     source: dict
+    max_dicom_mib: float = MAX_DICOM_MIB
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -109,7 +111,8 @@ def _chunks(seq: Sequence, n: int) -> list[Sequence]:
 
 # ----------------------------------------------------------------------------- per image
 
-def _load(item: Item, size: int, clahe: bool, labels: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _load(item: Item, size: int, clahe: bool, labels: str,
+          max_mib: float = MAX_DICOM_MIB) -> tuple[np.ndarray, np.ndarray | None]:
     """Decoded, resized image ``(size, size) uint8`` and mask (None for test images).
 
     Raises :class:`_Skip` naming the problem; never returns a partial mask.
@@ -117,7 +120,7 @@ def _load(item: Item, size: int, clahe: bool, labels: str) -> tuple[np.ndarray, 
     from tfpneumo.data import rle
 
     try:
-        pixels, _ = read_dicom(item.path)
+        pixels, _ = read_dicom(item.path, max_mib)
     except DicomError as e:
         raise _Skip(str(e).removeprefix(f"{item.path}: ")) from e
     height, width = pixels.shape
@@ -159,7 +162,8 @@ def write_shard(task: ShardTask, out: str) -> dict:
         with atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
             for item in task.items:
                 try:
-                    image, mask = _load(item, task.size, task.clahe, task.labels)
+                    image, mask = _load(item, task.size, task.clahe, task.labels,
+                                        task.max_dicom_mib)
                 except _Skip as e:
                     skipped.append(_skip(item.path, item.row, str(e)))
                     continue
@@ -210,12 +214,13 @@ def _worker_init(parent_pid: int | None = None) -> None:
     cv2.setNumThreads(1)  # one process per core already
 
 
-def _read_headers(paths: Sequence[str]) -> list[dict | str]:
-    """Header metadata per path, or the error message for files that cannot be read."""
+def _read_headers(paths: Sequence[str], max_mib: float = MAX_DICOM_MIB) -> list[dict | str]:
+    """Header metadata per path, or the error message for files that cannot be read (or
+    larger than ``max_mib`` MiB decoded)."""
     out: list[dict | str] = []
     for path in paths:
         try:
-            out.append(read_header(path))
+            out.append(read_header(path, max_mib))
         except DicomError as e:
             out.append(str(e).removeprefix(f"{path}: "))
     return out
@@ -275,13 +280,35 @@ def _remove_stale(out: Path, planned: set[str]) -> int:
     return removed
 
 
-def _headers(paths: list[str], pool: ProcessPoolExecutor | None) -> list[dict | str]:
+def _headers(paths: list[str], pool: ProcessPoolExecutor | None,
+             max_mib: float = MAX_DICOM_MIB) -> list[dict | str]:
     if pool is None or len(paths) <= _HEADER_CHUNK:
-        return _read_headers(paths)
+        return _read_headers(paths, max_mib)
     results: list[dict | str] = []
-    for part in pool.map(_read_headers, _chunks(paths, _HEADER_CHUNK)):
+    for part in pool.map(functools.partial(_read_headers, max_mib=max_mib),
+                         _chunks(paths, _HEADER_CHUNK)):
         results.extend(part)
     return results
+
+
+def _mark_duplicates(paths: list[str], headers: dict[str, dict | str]) -> None:
+    """The same image (SOPInstanceUID) under several file names would be cached twice, and
+    could sit in two folds (train and validation at once): one file is kept (the one named by
+    its UID, as SIIM names them, else the first of ``paths``), the others' headers become the
+    reason they are skipped."""
+    by_uid: dict[str, list[str]] = {}
+    for path in paths:
+        header = headers[path]
+        if isinstance(header, dict) and header.get("sop_instance_uid"):
+            by_uid.setdefault(header["sop_instance_uid"], []).append(path)
+    for uid, group in by_uid.items():
+        if len(group) < 2:
+            continue
+        keep = next((p for p in group if Path(p).stem == uid), group[0])
+        for path in group:
+            if path != keep:
+                headers[path] = (f"duplicate image: SOPInstanceUID {uid} is also {keep}, "
+                                 "which is cached instead")
 
 
 def _plan(table: LabelTable, labels_path: Path, train_files: dict[str, Path],
@@ -301,7 +328,8 @@ def _plan(table: LabelTable, labels_path: Path, train_files: dict[str, Path],
     train_ids = sorted(i for i in train_files if i in table.rows)
     test_ids = sorted(test_files)
     paths = [str(train_files[i]) for i in train_ids] + [str(test_files[i]) for i in test_ids]
-    headers = dict(zip(paths, _headers(paths, pool), strict=True))
+    headers = dict(zip(paths, _headers(paths, pool, cfg.data.max_dicom_mib), strict=True))
+    _mark_duplicates(paths, headers)
 
     def usable(image_id: str, path: Path, row: int | None) -> dict | None:
         header = headers[str(path)]
@@ -347,7 +375,8 @@ def _shards(train: list[Item], test: list[Item], cfg: Config, labels: Path,
     tasks = []
 
     def task(name: str, items: Sequence[Item]) -> ShardTask:
-        return ShardTask(name, tuple(items), pc.size, pc.clahe, str(labels), source)
+        return ShardTask(name, tuple(items), pc.size, pc.clahe, str(labels), source,
+                         cfg.data.max_dicom_mib)
 
     for fold in range(pc.folds):
         for positive in (True, False):

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tfpneumo import runs
 from tfpneumo.config import Config
+from tfpneumo.data.dicom import MAX_DICOM_MIB
 from tfpneumo.data.manifest import find_cache_info
 from tfpneumo.errors import TfpneumoError
 from tfpneumo.models.saved import load_network
@@ -121,13 +122,15 @@ class Predictor:
     scales: tuple[float, ...]
     clahe: bool  # as the cache the networks were trained on
     run: Any  # ensemble_predictor(...)
+    max_dicom_mib: float = MAX_DICOM_MIB  # config data.max_dicom_mib
 
     def predict(self, items: Sequence[tuple[str, Path]]) -> Iterator[Prediction]:
         """Predictions for (id, DICOM path) items, in order; one batch in memory at a time
         (the next is decoded in a background thread). A bad DICOM raises naming it."""
         from tfpneumo.inference.images import image_batches
 
-        for batch in image_batches(items, self.size, self.batch_size, self.clahe):
+        for batch in image_batches(items, self.size, self.batch_size, self.clahe,
+                                   self.max_dicom_mib):
             probs, labels = self.run(batch.images[..., None].astype(np.float32))  # grey pixels
             probs, labels = probs.numpy()[..., 0], labels.numpy()
             for i, image_id in enumerate(batch.ids):
@@ -154,7 +157,7 @@ def predictor(cfg: Config, *, folds: runs.FoldSpec = "all", weights: str = "auto
     cache = find_cache_info(cfg.data.cache)
     clahe = cache.clahe if cache is not None else cfg.prepare.clahe
     return Predictor(files, size, batch_size, hflip, scales, clahe,
-                     ensemble_predictor(nets, hflip=hflip, scales=scales))
+                     ensemble_predictor(nets, hflip=hflip, scales=scales), cfg.data.max_dicom_mib)
 
 
 def check_options(size: int, batch_size: int | None, scales: Sequence[float]) -> None:

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
-from tfpneumo.data.dicom import read_dicom, read_header
+from tfpneumo.data.dicom import MAX_DICOM_MIB, read_dicom, read_header
 from tfpneumo.data.labels import check_id
 from tfpneumo.data.preprocess import network_image
 from tfpneumo.errors import TfpneumoError
 
 
-def load_image(path: Path, size: int, clahe: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_image(path: Path, size: int, clahe: bool = False,
+               max_mib: float = MAX_DICOM_MIB) -> tuple[np.ndarray, np.ndarray]:
     """One DICOM as the network sees it: ``(size, size) uint8`` (resampled like the cache;
     a non-square image is squashed) and its original ``(H, W) uint8`` pixels. Raises
-    DicomError naming the file."""
-    pixels, _ = read_dicom(path)
+    DicomError naming the file (also one larger than ``max_mib`` MiB decoded)."""
+    pixels, _ = read_dicom(path, max_mib)
     return network_image(pixels, size, clahe), pixels
 
 
@@ -33,13 +34,13 @@ class Batch:
 
 
 def image_batches(items: Sequence[tuple[str, Path]], size: int, batch_size: int,
-                  clahe: bool = False) -> Iterator[Batch]:
+                  clahe: bool = False, max_mib: float = MAX_DICOM_MIB) -> Iterator[Batch]:
     """Batches of decoded images in the order of ``items`` (id, path); the next batch is read
     in a background thread while the caller predicts the current one (at most two batches
     in memory)."""
 
     def load(chunk: Sequence[tuple[str, Path]]) -> Batch:
-        loaded = [load_image(path, size, clahe) for _, path in chunk]
+        loaded = [load_image(path, size, clahe, max_mib) for _, path in chunk]
         return Batch([image_id for image_id, _ in chunk], np.stack([a for a, _ in loaded]),
                      [b for _, b in loaded])
 
@@ -55,12 +56,13 @@ def image_batches(items: Sequence[tuple[str, Path]], size: int, batch_size: int,
             yield batch
 
 
-def dicom_items(files: Sequence[Path]) -> list[tuple[str, Path]]:
-    """(id, path) per file; the id is the file name without ``.dcm``. Unreadable files,
-    unusable or repeated ids raise naming the file, before any model is loaded."""
+def dicom_items(files: Sequence[Path], max_mib: float = MAX_DICOM_MIB) -> list[tuple[str, Path]]:
+    """(id, path) per file; the id is the file name without ``.dcm``. Unreadable files (or
+    larger than ``max_mib`` MiB decoded), unusable or repeated ids raise naming the file,
+    before any model is loaded."""
     items, seen = [], {}
     for path in map(Path, files):
-        read_header(path)  # cheap (~1 ms): a non-DICOM fails here, naming the file
+        read_header(path, max_mib)  # cheap (~1 ms): a non-DICOM fails here, naming the file
         image_id = path.name[:-4] if path.name.lower().endswith(".dcm") else path.name
         reason = check_id(image_id)
         if reason is not None:

@@ -91,7 +91,7 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSp
     if not files:
         raise TfpneumoError("no DICOM files given")
     check_options(size, batch_size, scales)
-    items = dicom_items(files)
+    items = dicom_items(files, cfg.data.max_dicom_mib)
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
                          hflip=hflip, scales=scales, workdir=workdir)

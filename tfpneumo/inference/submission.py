@@ -23,7 +23,7 @@ import numpy as np
 from tfpneumo import runs
 from tfpneumo.config import Config
 from tfpneumo.data import rle as rle_codec
-from tfpneumo.data.dicom import find_dicoms
+from tfpneumo.data.dicom import find_dicoms, read_header
 from tfpneumo.data.labels import check_id
 from tfpneumo.data.manifest import MANIFEST, find_cache_info
 from tfpneumo.errors import TfpneumoError, first_line
@@ -109,9 +109,9 @@ def resolve_sample(data: Path, sample: Path | None) -> Path:
                       "pass --sample-submission")
 
 
-def match_test_files(ids: Sequence[str], test_dir: Path) -> list[tuple[str, Path]]:
-    """(id, DICOM path) for every sample id, in sample order; missing DICOMs raise, naming
-    the first few."""
+def match_test_files(ids: Sequence[str], test_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(id, DICOM path) for every sample id, in sample order, and the ids of the test DICOMs
+    that the sample does not ask for (sorted); missing DICOMs raise, naming the first few."""
     files = find_dicoms(test_dir)
     if not files:
         raise SubmitError(f"{test_dir}: no .dcm files")
@@ -121,7 +121,17 @@ def match_test_files(ids: Sequence[str], test_dir: Path) -> list[tuple[str, Path
                                                        else "")
         raise SubmitError(f"{test_dir}: no DICOM for {len(missing)} of {len(ids)} sample "
                           f"submission ids ({shown})")
-    return [(i, files[i]) for i in ids]
+    wanted = set(ids)
+    return [(i, files[i]) for i in ids], sorted(i for i in files if i not in wanted)
+
+
+def unrequested_note(extra: Sequence[str], test_dir: Path) -> str:
+    """``"; note: 3 test DICOMs in <dir> are not in the sample submission ..."`` or ``""``."""
+    if not extra:
+        return ""
+    shown = ", ".join(extra[:_MISSING_SHOWN]) + (", ..." if len(extra) > _MISSING_SHOWN else "")
+    return (f"; note: {len(extra)} test DICOM(s) in {test_dir} are not in the sample submission "
+            f"and were not predicted ({shown})")
 
 
 # ----------------------------------------------------------------------------- submit
@@ -152,7 +162,9 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     data = resolve_data(cfg, data)
     sample = resolve_sample(data, sample_submission)
     ids = read_sample_ids(sample)
-    items = match_test_files(ids, data / "dicom-images-test")
+    items, extra = match_test_files(ids, data / "dicom-images-test")
+    for _, path in items:  # ~1 ms each: an unreadable or too large DICOM fails before any model loads
+        read_header(path, cfg.data.max_dicom_mib)
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
                          hflip=hflip, scales=scales, workdir=workdir)
@@ -166,7 +178,8 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     return (f"wrote {out}: {len(ids)} images, {positives} with a mask "
             f"({100.0 * positives / len(ids):.1f}%), {rle} RLE; {ensemble.describe()}; "
             f"thresholds {decision.describe()} ({source}); "
-            f"{time.perf_counter() - start:.1f} s{untrained_note(cfg, ensemble.files)}")
+            f"{time.perf_counter() - start:.1f} s{untrained_note(cfg, ensemble.files)}"
+            f"{unrequested_note(extra, data / 'dicom-images-test')}")
 
 
 def _write_submission(out: Path, ids: Sequence[str], items, ensemble, decision, rle: str,

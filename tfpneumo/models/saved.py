@@ -5,6 +5,10 @@ version carry their input convention in a :class:`~tfpneumo.models.layers.GreyPi
 files of tfpneumo < 0.3 took ImageNet-normalised RGB (their first layer is a Rescaling named
 ``imagenet_to_pixels``) and would silently predict garbage on pixels, so they are refused
 before Keras builds anything.
+
+The archive's members are checked before anything in it is read (a ``config.json`` that is a
+zip bomb would exhaust memory): their declared uncompressed sizes (:data:`MAX_TOTAL_BYTES` in
+all, :data:`MAX_JSON_BYTES` for the JSON members), their number and their compression ratio.
 """
 
 from __future__ import annotations
@@ -15,14 +19,50 @@ from pathlib import Path
 
 from tfpneumo.errors import TfpneumoError, first_line
 
+MAX_TOTAL_BYTES = 4 << 30  # a resnet50 UNet with its optimizer-free weights: ~150 MB
+MAX_JSON_BYTES = 16 << 20  # config.json of a resnet34 UNet: ~150 KB
+MAX_MEMBERS = 1000  # Keras writes 3 (metadata.json, config.json, model.weights.h5)
+# Deflate's best ratio is ~1032:1 (a run of zeros); weights and JSON stay far below this.
+MAX_RATIO = 100
+_RATIO_FROM = 1 << 20  # small members may compress well (repetitive JSON)
+
+
+def check_archive(path: Path, z: zipfile.ZipFile) -> None:
+    """Refuses, naming ``path``, an archive whose declared sizes would let reading it (or Keras
+    loading it) allocate without bound. Reads only the zip's central directory."""
+    members = z.infolist()
+    if len(members) > MAX_MEMBERS:
+        raise TfpneumoError(f"{path}: {len(members)} archive members (a .keras file has a "
+                            f"few; limit {MAX_MEMBERS}); refused")
+    total = 0
+    for m in members:
+        name = m.filename if len(m.filename) <= 80 else m.filename[:80] + "..."
+        limit = MAX_JSON_BYTES if m.filename.endswith(".json") else MAX_TOTAL_BYTES
+        if m.file_size > limit:
+            raise TfpneumoError(f"{path}: archive member {name} declares {m.file_size} bytes "
+                                f"uncompressed (limit {limit}); refused")
+        if m.compress_type == zipfile.ZIP_STORED and m.file_size != m.compress_size:
+            raise TfpneumoError(f"{path}: archive member {name} is stored uncompressed but "
+                                f"declares {m.file_size} bytes in {m.compress_size}; refused")
+        if m.file_size > _RATIO_FROM and m.file_size > MAX_RATIO * max(m.compress_size, 1):
+            raise TfpneumoError(f"{path}: archive member {name} declares {m.file_size} bytes "
+                                f"from {m.compress_size} compressed (ratio over {MAX_RATIO}); "
+                                "refused")
+        total += m.file_size
+    if total > MAX_TOTAL_BYTES:
+        raise TfpneumoError(f"{path}: archive members declare {total} bytes uncompressed in "
+                            f"all (limit {MAX_TOTAL_BYTES}); refused")
+
 
 def input_convention(path: Path) -> str | None:
     """The input convention recorded in the ``.keras`` file ``path``; None if it has none.
 
-    Raises TfpneumoError if ``path`` is not a readable ``.keras`` zip with a config.json.
+    Raises TfpneumoError if ``path`` is not a readable ``.keras`` zip with a config.json, or
+    if its members' declared sizes are beyond the limits of :func:`check_archive`.
     """
     try:
         with zipfile.ZipFile(path) as z:
+            check_archive(path, z)
             config = json.loads(z.read("config.json"))
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise TfpneumoError(f"{path}: cannot load model ({first_line(e, 200)})") from e

@@ -138,6 +138,24 @@ def _dice(y_true: Any, y_pred: Any, smooth: float, from_logits: bool = False) ->
     return (2.0 * intersection + smooth) / (total + smooth)
 
 
+def _batch_dice(y_true: Any, y_pred: Any, smooth: float, from_logits: bool = False) -> Any:
+    """One soft Dice over the whole batch as a single volume, repeated per image: ``(B,)``.
+
+    ``(2 sum(p t) + s) / (sum(p) + sum(t) + s)`` with the sums over every pixel of every image
+    (sneddy's ``soft_dice_loss(per_image=False)``, amirassov's ``soft_dice_loss``). Repeating
+    the batch value for each image makes Keras' mean over the batch equal to it, with the
+    gradient of the batch Dice. Over the local batch: each replica of a tf.distribute run,
+    and each micro-batch of an accumulated step, computes its own.
+    """
+    t, p = _flat(y_true), _flat(y_pred)
+    if from_logits:
+        p = ops.sigmoid(p)
+    intersection = ops.sum(p * t)
+    total = ops.sum(p) + ops.sum(t)
+    dice = (2.0 * intersection + smooth) / (total + smooth)
+    return dice * ops.ones_like(t[:, 0])
+
+
 def _log_dice(y_true: Any, y_pred: Any, gamma: float, smooth: float,
               from_logits: bool = False) -> Any:
     """``(-log(dice))^gamma`` per image; exactly 0 (zero gradient) when dice is 1.
@@ -152,17 +170,20 @@ def _log_dice(y_true: Any, y_pred: Any, gamma: float, smooth: float,
     return ops.where(positive, ops.power(safe, gamma), ops.zeros_like(x))
 
 
-def _focal(y_true: Any, y_pred: Any, gamma: float, alpha: float, epsilon: float,
+def _focal(y_true: Any, y_pred: Any, gamma: float, alpha: float | None, epsilon: float,
            from_logits: bool = False) -> Any:
     """Binary focal loss (Lin et al. 2017), mean over pixels per image.
 
     ``-alpha t (1-p)^gamma log(p) - (1-alpha) (1-t) p^gamma log(1-p)``: alpha weighs the
-    positive pixels, as in RetinaNet.
+    positive pixels, as in RetinaNet. ``alpha=None``: no weighting, ``-(1-p_t)^gamma
+    log(p_t)`` on every pixel (sneddy's ``FocalLoss2d``, whose batch mean over pixels equals
+    the mean over images of this per-image mean: every image has the same pixel count).
     """
     t = _flat(y_true)
     p, log_p, log_q = _prob_and_logs(y_pred, from_logits, epsilon)
-    pos = alpha * t * ops.power(1.0 - p, gamma) * log_p
-    neg = (1.0 - alpha) * (1.0 - t) * ops.power(p, gamma) * log_q
+    w_pos, w_neg = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
+    pos = w_pos * t * ops.power(1.0 - p, gamma) * log_p
+    neg = w_neg * (1.0 - t) * ops.power(p, gamma) * log_q
     return -ops.mean(pos + neg, axis=-1)
 
 
@@ -279,17 +300,24 @@ class BCELoss(_PerImageLoss):
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
 class DiceLoss(_PerImageLoss):
-    """Soft Dice loss ``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` per image."""
+    """Soft Dice loss ``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` per image.
 
-    def __init__(self, smooth: float = 1.0, name: str | None = "dice", **kwargs: Any):
+    ``per_image=False``: one Dice over the whole (local) batch as a single volume, the same
+    value for every image (see :func:`_batch_dice`); do not wrap it in :class:`PositivesOnly`.
+    """
+
+    def __init__(self, smooth: float = 1.0, per_image: bool = True, name: str | None = "dice",
+                 **kwargs: Any):
         super().__init__(name=name, **kwargs)
         self.smooth = float(smooth)
+        self.per_image = bool(per_image)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return 1.0 - _dice(y_true, y_pred, self.smooth, self.from_logits)
+        dice = _dice if self.per_image else _batch_dice
+        return 1.0 - dice(y_true, y_pred, self.smooth, self.from_logits)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "smooth": self.smooth}
+        return {**super().get_config(), "smooth": self.smooth, "per_image": self.per_image}
 
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
@@ -313,14 +341,15 @@ class LogDiceLoss(_PerImageLoss):
 class FocalLoss(_PerImageLoss):
     """Binary focal loss, mean over the pixels of each image.
 
-    ``-alpha t (1-p)^gamma log(p) - (1-alpha) (1-t) p^gamma log(1-p)`` (RetinaNet's alpha).
+    ``-alpha t (1-p)^gamma log(p) - (1-alpha) (1-t) p^gamma log(1-p)`` (RetinaNet's alpha);
+    ``alpha=None``: ``-(1-p_t)^gamma log(p_t)``, no class weighting (the 1st place's focal).
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, epsilon: float = EPSILON,
+    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, epsilon: float = EPSILON,
                  name: str | None = "focal", **kwargs: Any):
         super().__init__(name=name, **kwargs)
         self.gamma = float(gamma)
-        self.alpha = float(alpha)
+        self.alpha = None if alpha is None else float(alpha)
         self.epsilon = float(epsilon)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -504,10 +533,11 @@ def _mask_loss(cfg: LossConfig, from_logits: bool) -> _PerImageLoss:
     """The ``cfg.mask`` loss over all images (before any positives-only wrapping)."""
     z = {"from_logits": from_logits}
     focal = FocalLoss(gamma=cfg.focal_gamma, alpha=cfg.focal_alpha, **z)
+    dice = DiceLoss(smooth=cfg.dice_smooth, per_image=cfg.dice_per_image, **z)
     if cfg.mask == "combo":
         # With the defaults this is 3 * BCELoss() + DiceLoss() + 4 * FocalLoss().
         terms = [weight * loss for weight, loss in ((cfg.combo_bce, BCELoss(**z)),
-                                                   (cfg.combo_dice, DiceLoss(**z)),
+                                                   (cfg.combo_dice, dice),
                                                    (cfg.combo_focal, focal),
                                                    (cfg.combo_lovasz, LovaszHingeLoss(**z)))
                  if weight != 0]
@@ -516,7 +546,7 @@ def _mask_loss(cfg: LossConfig, from_logits: bool) -> _PerImageLoss:
         return sum(terms)
     single = {
         "bce": lambda: BCELoss(**z),
-        "dice": lambda: DiceLoss(**z),
+        "dice": lambda: dice,
         "log_dice": lambda: LogDiceLoss(gamma=cfg.log_dice_gamma, **z),
         "focal": lambda: focal,
         "lovasz": lambda: LovaszHingeLoss(**z),
@@ -541,6 +571,9 @@ def build_losses(cfg: LossConfig, from_logits: bool = True,
     ``cfg.label_weight``.
     """
     mask = _mask_loss(cfg, from_logits)
+    if cfg.mask_positives_only and not cfg.dice_per_image and cfg.mask in ("dice", "combo"):
+        raise LossError("a Dice over the whole batch (dice_per_image false) cannot be averaged "
+                        "over positive images (mask_positives_only true)")
     if cfg.mask_positives_only:
         mask = PositivesOnly(mask, name="mask_loss")
     label = BCELoss(name="label_loss", from_logits=from_logits)

@@ -90,12 +90,8 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
     result_path = run_dir / runs.RESULT
     if result_path.exists():
         return json.loads(result_path.read_text())
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TfpneumoError(f"{run_dir}: cannot create the run folder ({e.strerror or e})") from e
     # Two runs of one fold would both train and leave a folder mixed from both.
-    with runs.locked(run_dir / runs.LOCK, f"train fold {fold}"):
+    with runs.locked_folder(run_dir, f"train fold {fold}"):
         if result_path.exists():  # the other run finished while this one waited to start
             return json.loads(result_path.read_text())
         try:
@@ -112,17 +108,24 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
 def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | None) -> dict:
     result_path = run_dir / runs.RESULT
     _check_same_config(cfg, run_dir)
-    dump_config(cfg, run_dir / runs.CONFIG)
     runtime = resolve_runtime(cfg.train)
     if runtime.strategy_name == "multi_worker":
         raise TfpneumoError(compat.MULTI_WORKER_FIT)
-    print(f"fold {fold}: {runtime.describe()}", file=sys.stderr)
     stages = cfg.stage_configs()
+    first_dir = run_dir if len(stages) == 1 else run_dir / runs.STAGES / stages[0][0]
+    fresh = not (first_dir / runs.STATE / "state.json").exists() and not (
+        first_dir / runs.STAGE_RESULT).exists()
+    for i, (_, stage_cfg) in enumerate(stages):
+        # Only a fresh first stage loads model.encoder_weights (later ones and a resumed one
+        # start from a weights file of the run).
+        check_inputs(stage_cfg, runtime, encoder=i == 0 and fresh)
+    print(f"fold {fold}: {runtime.describe()}", file=sys.stderr)
     previous: Path | None = None
     result: dict = {}
     for i, (name, stage_cfg) in enumerate(stages):
         stage_dir = run_dir if len(stages) == 1 else run_dir / runs.STAGES / name
-        result = train_stage(stage_cfg, fold, stage_dir, runtime, init_weights=previous, service=service)
+        result = train_stage(stage_cfg, fold, stage_dir, runtime, init_weights=previous,
+                             service=service, on_start=lambda: dump_config(cfg, run_dir / runs.CONFIG))
         previous = stage_dir / runs.FINAL_WEIGHTS
         if len(stages) > 1 and i == len(stages) - 1:
             for artefact in runs.FOLD_ARTEFACTS:
@@ -133,6 +136,30 @@ def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | Non
     return result
 
 
+def check_inputs(cfg: Config, runtime: Runtime, encoder: bool = True) -> None:
+    """The checks of a stage's inputs that are cheap, made before anything is written: a run
+    that fails on them leaves no ``config.yaml`` that would refuse the corrected rerun.
+    (What only building the network finds, e.g. encoder weights of another encoder, fails
+    before the first write too: :func:`train_stage` writes when training starts.)"""
+    per_replica = cfg.data.batch_size // runtime.replicas
+    if cfg.data.batch_size % runtime.replicas or per_replica % cfg.optimizer.accumulation_steps:
+        raise TfpneumoError(
+            f"config key data.batch_size: {cfg.data.batch_size} must split evenly over "
+            f"{runtime.replicas} replicas and {cfg.optimizer.accumulation_steps} accumulation steps")
+    weights = cfg.model.encoder_weights if encoder else "none"
+    if weights.lower() == "imagenet":
+        from tfpneumo.models.unet import fetch_imagenet_weights
+
+        fetch_imagenet_weights(cfg.model.encoder)
+    elif weights.lower() != "none":
+        path = Path(weights)
+        if not path.is_file():
+            raise TfpneumoError(f"model.encoder_weights: {path} not found")
+        if not path.name.endswith(".h5") and path.suffix != ".hdf5":
+            raise TfpneumoError(f"model.encoder_weights: {path} is not a .weights.h5 or .h5 "
+                                "weights file")
+
+
 def _check_same_config(cfg: Config, run_dir: Path) -> None:
     saved = run_dir / runs.CONFIG
     if saved.exists() and read_yaml(saved) != to_dict(cfg):
@@ -141,8 +168,13 @@ def _check_same_config(cfg: Config, run_dir: Path) -> None:
 
 
 def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
-                init_weights: Path | None = None, service: str | None = None) -> dict:
-    """Trains one stage in ``stage_dir``, resuming from its last completed epoch."""
+                init_weights: Path | None = None, service: str | None = None,
+                on_start=None) -> dict:
+    """Trains one stage in ``stage_dir``, resuming from its last completed epoch.
+
+    Nothing is written before the network is built and the data found (then ``on_start()``
+    is called and the stage's ``config.yaml`` written): a stage that cannot start leaves no
+    trace that would refuse the corrected rerun."""
     from tfpneumo.data.pipeline import eval_dataset, train_dataset
     from tfpneumo.models.unet import build_model, encoder_layers, set_encoder_trainable
     from tfpneumo.training.losses import build_losses
@@ -153,17 +185,11 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     done = stage_dir / runs.STAGE_RESULT
     if done.exists():
         return json.loads(done.read_text())
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, stage_dir / runs.CONFIG)
+    check_inputs(cfg, runtime, encoder=False)  # build_model loads (and checks) the weights
     keras.utils.set_random_seed(cfg.seed + fold)
     keras.mixed_precision.set_global_policy(runtime.precision)
     tcfg, cache = cfg.train, Path(cfg.data.cache)
     epochs = tcfg.epochs
-    per_replica = cfg.data.batch_size // runtime.replicas
-    if cfg.data.batch_size % runtime.replicas or per_replica % cfg.optimizer.accumulation_steps:
-        raise TfpneumoError(
-            f"config key data.batch_size: {cfg.data.batch_size} must split evenly over "
-            f"{runtime.replicas} replicas and {cfg.optimizer.accumulation_steps} accumulation steps")
 
     resuming = (stage_dir / runs.STATE / "state.json").exists()
     model_cfg = cfg.model
@@ -214,6 +240,11 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     state = RunState(stage_dir, tcfg.val_thresholds, tcfg.top_k, trainer, swa=swa)
     state.load()
     start = state.completed_epochs
+    # The stage starts: from here its folder records the config it trains with.
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start()
+    dump_config(cfg, stage_dir / runs.CONFIG)
     if start:
         print(f"resuming {stage_dir} after epoch {start}", file=sys.stderr)
 
