@@ -105,8 +105,9 @@ def tiny_model_file() -> Path:
     from tfpneumo.models.unet import build_model
 
     keras.utils.set_random_seed(0)
+    # mask_prior 0.5: probabilities spread around 0.5, so rules split the images both ways
     net = build_model(ModelConfig(encoder="resnet18", encoder_weights="none",
-                                  decoder_filters=(16, 8, 8, 8, 8)))
+                                  decoder_filters=(16, 8, 8, 8, 8), mask_prior=0.5))
     folder = Path(tempfile.mkdtemp(prefix="tfpneumo-test-model-"))
     atexit.register(shutil.rmtree, folder, True)
     net.save(folder / "tiny.keras")

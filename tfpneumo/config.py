@@ -384,7 +384,8 @@ def _build(cls: type, overrides: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in overrides:
         if key not in names:
-            key = key if isinstance(key, str) and len(key) <= SHOWN_CHARS else shown(key)
+            key = (key if isinstance(key, str) and len(key) <= SHOWN_CHARS and key.isprintable()
+                   else shown(key))  # a newline in a key would split the one-line message
             raise ConfigError(f"config key {prefix}{key}: unknown key (known: {sorted(names)})")
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -372,10 +372,13 @@ def test_mask_prior_sets_the_initial_bias(unet):
     """RetinaNet's prior initialisation: bias log(p / (1 - p)); 0.5 is a zero bias."""
     import math
 
-    (bias,) = [w for w in unet.build_model(cfg(encoder="resnet18", mask_prior=0.01))
+    (bias,) = [w for w in unet.build_model(cfg(encoder="resnet18", mask_prior=0.2))
                .get_layer("mask_logits").get_weights()[1:]]
-    np.testing.assert_allclose(bias, [math.log(0.01 / 0.99)], rtol=1e-6)
-    assert unet.build_model(cfg(encoder="resnet18")).get_layer("mask_logits").get_weights()[1] == 0
+    np.testing.assert_allclose(bias, [math.log(0.2 / 0.8)], rtol=1e-6)  # -1.386294
+    default = unet.build_model(cfg(encoder="resnet18")).get_layer("mask_logits").get_weights()[1]
+    np.testing.assert_allclose(default, [-4.59512], rtol=1e-5)  # log(0.01 / 0.99), the default
+    assert unet.build_model(cfg(encoder="resnet18", mask_prior=0.5)) \
+        .get_layer("mask_logits").get_weights()[1] == 0
     with pytest.raises(TfpneumoError, match="mask_prior"):
         from tfpneumo.config import load_config
 

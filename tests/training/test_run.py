@@ -47,3 +47,24 @@ def test_a_failed_start_writes_nothing_so_the_corrected_rerun_is_not_refused(tmp
         assert len(errors) == 1 and "Traceback" not in result.output, result.output
         assert all(n in errors[0] for n in needles), errors[0]
         assert not (tmp_path / "runs").exists(), sorted(map(str, (tmp_path / "runs").rglob("*")))
+
+
+def test_a_run_saved_before_a_key_existed_resumes_unless_the_key_is_changed(tmp_path):
+    # A config.yaml written by an older tfpneumo lacks keys added since; they take their
+    # defaults when the run is resumed. Another value for them is still another config.
+    import pytest
+    import yaml
+
+    from tfpneumo.config import load_config, to_dict
+    from tfpneumo.errors import TfpneumoError
+    from tfpneumo.training.run import _check_same_config
+
+    cfg = load_config(None, ["experiment=old"])
+    older = to_dict(cfg)
+    del older["data"]["max_dicom_mib"], older["loss"]["dice_smooth"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    _check_same_config(cfg, tmp_path)
+    with pytest.raises(TfpneumoError, match="trained with another config"):
+        _check_same_config(load_config(None, ["experiment=old", "loss.dice_smooth=2"]), tmp_path)
+    with pytest.raises(TfpneumoError, match="trained with another config"):
+        _check_same_config(load_config(None, ["experiment=old", "optimizer.lr=0.5"]), tmp_path)

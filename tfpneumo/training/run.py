@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tfpneumo import compat, runs
-from tfpneumo.config import Config, dump_config, read_yaml, to_dict
+from tfpneumo.config import Config, dump_config, load_config, to_dict
 from tfpneumo.data.manifest import read_cache_info
 from tfpneumo.errors import TfpneumoError
 from tfpneumo.files import atomic_path, write_json, write_npz
@@ -162,7 +162,9 @@ def check_inputs(cfg: Config, runtime: Runtime, encoder: bool = True) -> None:
 
 def _check_same_config(cfg: Config, run_dir: Path) -> None:
     saved = run_dir / runs.CONFIG
-    if saved.exists() and read_yaml(saved) != to_dict(cfg):
+    # Through the loader, so keys added by a later tfpneumo take their defaults: a run saved
+    # before a key existed resumes unless the key is set to something else.
+    if saved.exists() and to_dict(load_config(saved)) != to_dict(cfg):
         raise TfpneumoError(f"{run_dir} was trained with another config ({saved}); "
                             "resume with the same config, or pick a new experiment name")
 
