@@ -83,3 +83,43 @@ def test_any_config_file_is_a_config_or_one_line(tmp_path, doc, text):
             read_yaml(path)
         except ConfigError as e:
             assert "\n" not in str(e)
+
+
+def test_issue_11_config_values_that_were_accepted_or_tracebacks(tmp_path):
+    # Issue 11 items 9 and 10: each is now one ConfigError naming the key or the file.
+    cases = {
+        "optimizer.lr=.inf": "optimizer.lr: expected a finite number",
+        "augment.rotate=.inf": "augment.rotate: expected a finite number",
+        "data.memory_budget_gb=.nan": "data.memory_budget_gb: expected a finite number",
+        "optimizer.lr=" + "9" * 400: "optimizer.lr: expected a finite number",
+        "experiment=.": "experiment: must be a plain folder name",
+        'experiment="a\\0b"': "experiment: must be a plain folder name",  # YAML's escaped NUL
+        "experiment=a b": "experiment: must be a plain folder name",
+        "seed=-1": "seed: must be in [0, 2**32)",
+        "seed=12345678901234567890": "seed: 12345678901234567890 is out of range",
+        "data.batch_size=100000000000": "data.batch_size: 100000000000 is out of range",
+        "data.batch_size=100000": "data.batch_size: must be in [1, 65536]",
+        "data.batch_size=1e11": "data.batch_size: expected an integer",
+        "train.top_k={a: 1, a: 2}": "key 'a' appears twice",
+    }
+    for item, needle in cases.items():
+        try:
+            load_config(None, [item])
+        except ConfigError as e:
+            assert needle in str(e) and "\n" not in str(e), (item, str(e))
+        else:
+            raise AssertionError(f"{item!r} was accepted")
+    assert load_config(None, ["experiment=demo-faint-s0", "seed=4294967295"]).seed == 2**32 - 1
+
+    duplicated = tmp_path / "dup.yaml"
+    duplicated.write_text("optimizer:\n  lr: 0.1\ndata:\n  batch_size: 4\noptimizer:\n  lr: 0.2\n")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("experiment: r\xe9sum\xe9\n".encode("latin-1"))
+    for path, needle in ((duplicated, "line 5: key 'optimizer' appears twice"),
+                         (latin1, "not UTF-8 text (byte 13)")):
+        try:
+            load_config(path)
+        except ConfigError as e:
+            assert str(e).startswith(f"{path}: {needle}") and "\n" not in str(e), str(e)
+        else:
+            raise AssertionError(f"{path} was accepted")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import re
 import reprlib
 import types
@@ -33,6 +34,7 @@ class ConfigError(TfpneumoError):
 # Values quoted in error messages: depth, items and length bounded while formatting (a plain
 # repr of a huge value would build the whole string first), then cut to SHOWN_CHARS.
 SHOWN_CHARS = 80
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9._+-]{1,128}")  # experiment: one portable folder name
 _REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
 _REPR.maxlevel, _REPR.maxlong, _REPR.maxstring, _REPR.maxother = 3, 40, SHOWN_CHARS, SHOWN_CHARS
 _REPR.maxtuple = _REPR.maxlist = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 6
@@ -51,6 +53,11 @@ class _AliasRefused(yaml.YAMLError):
                          "configs; write the value out")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, mark, key) -> None:
+        super().__init__(f"line {mark.line + 1}: key {shown(key)} appears twice in one mapping")
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """``yaml.safe_load`` that refuses aliases: nested anchors expand exponentially (a
     400-byte "billion laughs" file is a 10⁹-item list), and configs never need them."""
@@ -59,6 +66,16 @@ class _NoAliasLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             raise _AliasRefused(self.peek_event().start_mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys without a word; in a config that hides a typo
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(key_node.start_mark, key)
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep=deep)
 
 
 def _safe_load(text: str) -> Any:
@@ -102,7 +119,8 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         _check(self.image_size >= 32 and self.image_size % 32 == 0, prefix, "image_size",
                "must be a multiple of 32 (the UNet downsamples 5 times)")
-        _check(self.batch_size >= 1, prefix, "batch_size", "must be >= 1")
+        # an upper bound too: 1e11 images passed validation and failed deep inside tf.data
+        _check(1 <= self.batch_size <= 65536, prefix, "batch_size", "must be in [1, 65536]")
         for name in ("positive_rate_start", "positive_rate_end"):
             rate = getattr(self, name)
             # 1.0: positive images only (the 34th place's third stage)
@@ -312,8 +330,11 @@ class Config:
     def validate(self, prefix: str = "") -> None:
         if self.train.stages:
             self.stage_configs()  # rejects unknown keys and bad values inside stages now
-        _check(bool(self.experiment) and "/" not in self.experiment and ".." not in self.experiment,
-               prefix, "experiment", "must be a plain folder name")
+        _check(bool(_FOLDER_NAME.fullmatch(self.experiment)) and self.experiment not in (".", ".."),
+               prefix, "experiment", "must be a plain folder name (letters, digits, . _ - +, "
+               "at most 128 characters)")
+        # numpy and TensorFlow take 32-bit unsigned seeds; a larger one was a traceback
+        _check(0 <= self.seed < 2**32, prefix, "seed", "must be in [0, 2**32)")
 
 
 def _check(ok: bool, prefix: str, key: str, message: str) -> None:
@@ -362,6 +383,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {key}: expected an integer, got {shown(value)}")
+        if not -(2**31) < value < 2**32:  # TensorFlow and numpy take 32-bit values
+            raise ConfigError(f"config key {key}: {shown(value)} is out of range")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -371,7 +394,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key}: expected a number, got {shown(value)}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
+        if not math.isfinite(value):  # .inf / .nan pass every "< x" and ">= 0" check
+            raise ConfigError(f"config key {key}: expected a finite number, got {shown(value)}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key {key}: expected a string, got {shown(value)}")
@@ -417,7 +446,7 @@ def _parse_set(item: str) -> dict:
         raise ConfigError(f"--set {shown(item)}: expected section.key=value")
     try:
         value = _safe_load(raw) if raw.strip() else ""
-    except _AliasRefused as e:
+    except (_AliasRefused, _DuplicateKey) as e:
         raise ConfigError(f"--set {shown(item)}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {shown(item)}: value is not valid YAML ({e.__class__.__name__})") from e
@@ -434,9 +463,11 @@ def read_yaml(path: str | Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from e
     try:
         data = _safe_load(text)
-    except _AliasRefused as e:
+    except (_AliasRefused, _DuplicateKey) as e:
         raise ConfigError(f"{path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from e
