@@ -14,6 +14,10 @@ Steps (see :mod:`tfpneumo.data.records` for the cache layout):
 4. Write index.csv and manifest.json.
 
 Every step is deterministic: the same inputs and settings give byte-identical shards.
+
+Over ~500 lines on purpose: the plan, the resumable parallel run and the final write share
+the one contract of a cache (what a finished shard is); the parts that stand alone already
+live elsewhere (folds.py, records.py, manifest.py, dicom.py).
 """
 
 from __future__ import annotations
