@@ -146,7 +146,7 @@ def _open_regular(path: Path):
         if not stat.S_ISREG(mode):
             raise DicomError(f"{path}: not a regular file ({file_kind(mode)})")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        return os.fdopen(fd, "rb")
+        return open(path, "rb", opener=lambda *_: fd)  # the file's name stays ``path``
     except BaseException:
         os.close(fd)
         raise
