@@ -35,3 +35,13 @@ def test_written_manifest_reads_back(tmp_path):
     write_manifest(tmp_path, size=64, folds=5, clahe=True, data_dir="/data/siim")
     info = read_cache_info(tmp_path)
     assert (info.size, info.folds, info.clahe, str(info.data_dir)) == (64, 5, True, "/data/siim")
+
+
+def test_find_cache_info_is_none_without_a_manifest_and_an_error_on_a_malformed_one(tmp_path):
+    from tfpneumo.data.manifest import find_cache_info
+
+    assert find_cache_info(tmp_path / "absent") is None
+    assert find_cache_info(tmp_path) is None
+    (tmp_path / "manifest.json").write_text('{"size": 64, "folds": 5, "clahe": "yes"}')
+    with pytest.raises(CacheError, match=r"manifest\.json: clahe must be true or false"):
+        find_cache_info(tmp_path)  # not a silent fallback to the config's prepare.clahe

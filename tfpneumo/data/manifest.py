@@ -85,11 +85,12 @@ def _short(value: Any) -> str:
 
 
 def find_cache_info(cache: str | Path) -> CacheInfo | None:
-    """:func:`read_cache_info`, or None when the folder holds no usable manifest."""
-    try:
-        return read_cache_info(cache)
-    except CacheError:
+    """:func:`read_cache_info`, or None when the folder holds no manifest (predicting without
+    the cache). A manifest that is there but malformed is an error: falling back to the
+    config would silently preprocess otherwise than the cache the networks learned from."""
+    if not (Path(cache) / MANIFEST).exists():
         return None
+    return read_cache_info(cache)
 
 
 def write_manifest(cache: str | Path, *, size: int, folds: int, clahe: bool,
