@@ -85,3 +85,38 @@ def test_data_service_warns_and_stops_on_ctrl_c():
                         'interface, unauthenticated: run it only inside a trusted network '
                         '(README: "Only inside a trusted network")')
     assert lines[-1] == "interrupted"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+@pytest.mark.parametrize("command", ["data-service", "data-worker"])
+def test_a_port_already_in_use_is_one_line(command, host):
+    # Issue 11: TensorFlow's "Could not start gRPC server" was a RuntimeError traceback.
+    with socket.socket() as taken:
+        taken.bind((host, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [command, "--port", str(port)]
+        if command == "data-worker":
+            args += ["--dispatcher", f"127.0.0.1:{closed_port()}"]  # the port is checked first
+        assert one_line_error(args) == (
+            f"error: {command} --port {port}: port already in use (another process listens "
+            "on it); choose another port or stop that process")
+
+
+def test_tensorflow_failing_to_start_a_server_is_one_line():
+    """The port taken between the check and the start: TensorFlow's RuntimeError."""
+    from tfpneumo.data.service import ServiceError, _started
+
+    def start():
+        raise RuntimeError("Could not start gRPC server")
+
+    with pytest.raises(ServiceError) as e:
+        _started(start, 5050, "data-service --port")
+    assert str(e.value) == ("data-service --port 5050: cannot start the server (Could not start "
+                            "gRPC server; is the port already in use?)")
+
+
+def test_a_free_port_passes_the_check():
+    from tfpneumo.data.service import check_port_free
+
+    check_port_free(closed_port(), "data-service --port")

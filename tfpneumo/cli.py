@@ -223,9 +223,10 @@ def data_service(
     port: Annotated[int, typer.Option(help="Port of the dispatcher (all interfaces).")] = 5050,
 ) -> None:
     """Run a tf.data service dispatcher; trainers use --set data.service=grpc://HOST:PORT."""
-    from tfpneumo.data.service import EXPOSED, check_port, serve_dispatcher
+    from tfpneumo.data.service import EXPOSED, check_port, check_port_free, serve_dispatcher
 
     check_port(port, "data-service --port", allow_zero=False)
+    check_port_free(port, "data-service --port")
     typer.echo(f"warning: the tf.data service dispatcher on port {port} {EXPOSED}", err=True)
     typer.echo(f"tf.data service dispatcher on port {port}; Ctrl-C stops it", err=True)
     serve_dispatcher(port)
@@ -241,9 +242,17 @@ def data_worker(
     port: Annotated[int, typer.Option(help="Port of this worker (0: any free port).")] = 0,
 ) -> None:
     """Run a tf.data service worker: training preprocessing for the config's augmentations."""
-    from tfpneumo.data.service import EXPOSED, check_port, check_reachable, serve_worker
+    from tfpneumo.data.service import (
+        EXPOSED,
+        check_port,
+        check_port_free,
+        check_reachable,
+        serve_worker,
+    )
 
     check_port(port, "data-worker --port", allow_zero=True)
+    if port:
+        check_port_free(port, "data-worker --port")
     check_reachable(dispatcher, "data-worker --dispatcher")
     cfg = load_config(config, set_ or [])
     typer.echo(f"warning: the tf.data service worker {EXPOSED}", err=True)

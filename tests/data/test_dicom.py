@@ -172,3 +172,33 @@ def test_unreadable_folder_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(DicomError, match=r"locked: cannot read folder \(Permission denied\)$"):
         find_dicoms(tmp_path)
+
+
+def test_readers_refuse_a_fifo_without_waiting_for_a_writer(tmp_path):
+    """predict reads the files it is given, submit the ones find_dicoms finds: a FIFO named
+    x.dcm is one line naming it (opened non-blocking, checked on the descriptor)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "x.dcm"
+    os.mkfifo(fifo)
+    errors: list[str] = []
+
+    def run() -> None:
+        for read in (read_header, read_dicom):
+            try:
+                read(fifo)
+            except DicomError as e:
+                errors.append(str(e))
+        try:
+            find_dicoms(tmp_path)
+        except DicomError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():  # the regression: unblock the reader (EOF), then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("a DICOM reader waited on a FIFO")
+    assert errors == [f"{fifo}: not a regular file (a FIFO)"] * 3

@@ -402,3 +402,52 @@ def test_duplicate_sop_instance_uids_are_cached_once_and_listed(tmp_path, tf):
     assert manifest["counts"]["train"] == 4 and manifest["counts"]["test"] == 1, summary
     assert sorted(_read_cache(out, "train")) == sorted(train)
     assert list(_read_cache(out, "test")) == [test_file.stem]
+
+
+def test_fifo_socket_folder_named_dcm_are_skipped_not_waited_on(tmp_path, tf):
+    # Issue 11: a FIFO named x.dcm hung prepare forever (opening it waits for a writer).
+    import os
+    import socket
+    import threading
+
+    from tfpneumo.data.synth import synthesize
+
+    data = tmp_path / "d"
+    synthesize(data, n_train=4, n_test=1, size=64, positive_rate=0.5, seed=4)
+    train_dir, test_dir = data / "dicom-images-train", data / "dicom-images-test"
+    fifo = train_dir / "x.dcm"
+    os.mkfifo(fifo)
+    with open(data / "train-rle.csv", "a", encoding="utf-8") as f:
+        f.write("x, -1\n")  # labelled: its header would be read
+    (train_dir / "y.dcm").mkdir()
+    (test_dir / "z.dcm").symlink_to(tmp_path / "gone.dcm")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(test_dir / "s.dcm"))
+    out, result = tmp_path / "cache", {}
+
+    def run() -> None:
+        try:
+            result["summary"] = prepare_cache(data, out, _cfg(size=64, folds=2), progress=False)
+        except BaseException as e:  # reported below
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    if thread.is_alive():  # the regression: unblock the reader (EOF), then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=30)
+        pytest.fail("prepare waited on a FIFO named x.dcm")
+    sock.close()
+    assert "error" not in result, result
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {Path(s["file"]).relative_to(data).as_posix(): s["reason"]
+               for s in manifest["skipped"]}
+    assert reasons == {
+        "dicom-images-train/x.dcm": "not a regular file (a FIFO)",
+        "dicom-images-train/y.dcm": "not a regular file (a folder)",
+        "dicom-images-test/s.dcm": "not a regular file (a socket)",
+        "dicom-images-test/z.dcm": "not a regular file (a broken symlink)",
+        "train-rle.csv": "no DICOM for label row 6 (ImageId x)",
+    }
+    assert manifest["counts"]["train"] == 4 and manifest["counts"]["test"] == 1

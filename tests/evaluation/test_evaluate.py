@@ -410,6 +410,36 @@ def test_evaluate_errors(fake_run, tmp_path):
         evaluate(cfg, workdir=workdir)
 
 
+def _cut(path: Path, how: str) -> None:
+    """Damages a whole numpy-written npz: cut short at several places, or one byte flipped."""
+    data = bytearray(path.read_bytes())
+    if how == "flip":  # inside hist_all's data: the zip member's CRC no longer matches
+        at = data.find(b"hist_all.npy") + 400
+        data[at] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(bytes(data[:int(len(data) * float(how))]))
+
+
+@pytest.mark.parametrize("name", ["oof.npz", "oof_topk.npz"])
+@pytest.mark.parametrize("how", ["0", "0.002", "0.5", "0.99", "flip"])
+def test_truncated_or_corrupt_oof_is_one_line(fake_run, name, how):
+    """A cut-off oof.npz gave zipfile.BadZipFile / EOFError tracebacks: now one line naming the
+    file and how to make it again (train, then evaluate)."""
+    workdir, parts = fake_run
+    root = workdir / "runs" / "x"
+    for fold in range(2):
+        write_fold(root, fold, parts[fold], model="topk", name=name)
+    _cut(root / "fold_1" / name, how)
+    weights = "topk" if name != "oof.npz" else "auto"
+    with pytest.raises(TfpneumoError) as e:
+        evaluate(Config(experiment="x"), folds=[0, 1], workdir=workdir, weights=weights)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(str(root / "fold_1" / name)), message
+    assert "truncated or corrupt" in message or "not an OOF statistics file" in message, message
+    assert "rerun `tfpneumo train --fold 1`, then `tfpneumo evaluate`" in message, message
+
+
 def test_each_weights_kind_is_evaluated_on_its_own_statistics(fake_run):
     """--weights topk reads each fold's oof_topk.npz (here: other statistics than oof.npz) and
     writes evaluation_topk.*; a kind without statistics is a one-line error."""

@@ -162,3 +162,34 @@ def test_multiscale_and_ensemble_on_pointwise_models(tf):
     expected = 0.5 * (sigmoid(c) + sigmoid(c - 1.0))
     np.testing.assert_allclose(mask.numpy(), expected, atol=1e-6)
     np.testing.assert_allclose(label.numpy(), [expected, expected], atol=1e-6)
+
+
+def test_predict_on_a_full_disk_leaves_no_partial_png(siim_mini, tmp_path, monkeypatch):
+    """Issue 11: a full disk left 0-byte PNGs under final names. Every PNG is written whole
+    or not at all, and ENOSPC is one line naming the file (the write itself is made to fail:
+    the real full disk is tests/system/test_faults.py::test_predict_disk_full)."""
+    import errno
+    import pathlib
+
+    from PIL import Image
+
+    cfg = make_run(tmp_path)
+    (path,) = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[:1]
+    out = tmp_path / "pred"
+    real, calls = pathlib.Path.write_bytes, []
+
+    def disk_fills_up(self, data):
+        calls.append(self.name)
+        if len(calls) < 2:
+            return real(self, data)
+        real(self, data[:100])  # what reached the disk before it filled up
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", disk_fills_up)
+    with pytest.raises(SubmitError) as e:
+        predict(cfg, [path], out=out, rule=THRESHOLDS, size=64, hflip=False, workdir=tmp_path)
+    assert str(e.value) == (f"{out / path.stem}_mask.png: cannot write (No space left on "
+                            "device); free space and rerun")
+    assert calls == [f"{path.stem}_prob.png.tmp", f"{path.stem}_mask.png.tmp"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{path.stem}_prob.png"]
+    assert Image.open(out / f"{path.stem}_prob.png").size == (1024, 1024)  # whole

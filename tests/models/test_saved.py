@@ -138,3 +138,70 @@ def test_archive_members_declared_sizes_are_checked_before_loading(saved, tmp_pa
     with pytest.raises(TfpneumoError, match=r"declare 5368709120 bytes uncompressed in all"):
         saved.check_archive(tmp_path / "x.keras", Directory({"a.h5": 3 << 30, "b.h5": 2 << 30}))
     saved.check_archive(tmp_path / "x.keras", Directory({"a.h5": 3 << 30, "b.h5": 1 << 30}))
+
+
+def _grey_net(keras, path, *, side=None, channels=1, mask_channels=1, stride=1, label_units=1):
+    """A tiny network with this tfpneumo's input convention (GreyPixels) and outputs named
+    ``mask`` and ``label``, whose shapes the arguments bend."""
+    from keras import layers
+
+    from tfpneumo.models.layers import GreyPixels
+
+    image = keras.Input((side, side, channels), name="image")
+    x = GreyPixels(name="grey_pixels")(image)
+    mask = layers.Conv2D(mask_channels, 1, strides=stride, activation="sigmoid", name="mask")(x)
+    label = layers.Dense(label_units, activation="sigmoid", name="label")(
+        layers.GlobalAveragePooling2D()(x))
+    keras.Model(image, {"mask": mask, "label": label}).save(path)
+    return path
+
+
+def test_a_right_shaped_grey_network_loads(saved, keras, tmp_path):
+    saved.load_network(_grey_net(keras, tmp_path / "any.keras"))
+    saved.load_network(_grey_net(keras, tmp_path / "fixed.keras", side=96))
+
+
+@pytest.mark.parametrize(("bend", "needle"), [
+    ({"mask_channels": 3}, "output 'mask' has shape (None, None, None, 3), expected "
+                           "(None, None, None, 1)"),
+    ({"side": 64, "stride": 2}, "output 'mask' has shape (None, 32, 32, 1), expected "
+                                "(None, 64, 64, 1)"),
+    ({"stride": 2}, "on a grey image (1, 64, 64, 1) the network gives mask (1, 32, 32, 1)"),
+    ({"label_units": 2}, "output 'label' has shape (None, 2), expected (None, 1)"),
+    ({"channels": 3}, "input shape (None, None, None, 3), a tfpneumo network takes grey images"),
+])
+def test_right_output_names_wrong_shapes_are_refused_at_load(saved, keras, tmp_path, bend, needle):
+    # Issue 11: such a network loaded, then predict failed deep inside TensorFlow.
+    path = _grey_net(keras, tmp_path / "bent.keras", **bend)
+    with pytest.raises(TfpneumoError) as e:
+        saved.load_network(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and needle in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("config", [b"[1, 2]", b"7", b'"x"', b"null", b'{"config": 5}',
+                                    b'{"config": {"layers": {"a": 1}}}'])
+def test_a_config_json_that_is_not_a_model_config_is_one_line(saved, tmp_path, config):
+    # Issue 11: valid JSON but not an object was an AttributeError traceback.
+    import zipfile
+
+    path = tmp_path / "odd.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("config.json", config)
+    with pytest.raises(TfpneumoError) as e:
+        saved.load_network(path)
+    message = str(e.value)
+    assert message == (f"{path}: config.json is not a Keras model's config (a JSON object with "
+                       "config.layers); not a tfpneumo network"), message
+
+
+def test_odd_layer_entries_do_not_crash_the_convention_check(saved, tmp_path):
+    import zipfile
+
+    path = tmp_path / "odd.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("config.json", b'{"config": {"layers": [1, {"class_name": "GreyPixels", '
+                                  b'"config": [3]}]}}')
+    assert saved.input_convention(path) == "(unreadable)"
+    with pytest.raises(TfpneumoError, match=r"input convention '\(unreadable\)'"):
+        saved.load_network(path)

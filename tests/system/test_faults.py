@@ -298,6 +298,25 @@ def test_submit_disk_full(submit_run, tmpfs, monkeypatch):
     assert sorted(p.name for p in tmpfs.iterdir()) == ["filler", "submission.csv"]
 
 
+def test_predict_disk_full(submit_run, siim_mini, tmpfs, monkeypatch):
+    """Issue 11: predict on a full disk left 0-byte PNGs under final names."""
+    monkeypatch.chdir(submit_run["work"])
+    (dicom,) = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[:1]
+    out = tmpfs / "pred"
+    out.mkdir()
+    old = out / f"{dicom.stem}_prob.png"
+    old.write_bytes(b"a previous prediction")  # must survive a failed rerun intact
+    fill(tmpfs, 0)
+    args = ["predict", str(dicom), "--out", str(out), "--size", str(SUBMIT_SIZE), "--no-hflip",
+            *SUBMIT_RULE]
+    for s in [*SUBMIT_SET, f"data.cache={submit_run['work'] / 'no-cache'}"]:
+        args += ["--set", s]
+    assert_in_process_one_line_error(args, f"{old}: cannot write (No space left on device); "
+                                           "free space and rerun")
+    assert old.read_bytes() == b"a previous prediction"
+    assert sorted(p.name for p in out.iterdir()) == [old.name]
+
+
 # ----------------------------------------------------------------------------- train
 
 def test_train_checkpoint_disk_full(tmpfs, tf, capfd):

@@ -14,8 +14,10 @@ here in bounded steps, only as far as the read needs, and refused past the limit
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 import zlib
 from pathlib import Path
@@ -109,6 +111,47 @@ class _BoundedInflate(io.RawIOBase):
         return self._pos
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, from its ``st_mode``: "a FIFO", "a folder", ..."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def not_regular(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file that can be read without blocking ("not a regular
+    file (a FIFO)", ...), or None when it is one. Reading a FIFO waits for a writer forever;
+    a symlink is followed (a broken one is named as such)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not a regular file (a broken symlink)" if os.path.islink(path) else None
+    except OSError:
+        return None  # the reader names the error
+    return None if stat.S_ISREG(mode) else f"not a regular file ({file_kind(mode)})"
+
+
+def _open_regular(path: Path):
+    """``open(path, "rb")``, refusing anything but a regular file without blocking: the file
+    is opened non-blocking (a FIFO without a writer would block the open itself), checked on
+    its descriptor (no race with a rename), then switched back to blocking reads."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise DicomError(f"{path}: not a regular file ({file_kind(mode)})")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return open(path, "rb", opener=lambda *_: fd)  # the file's name stays ``path``
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _dcmread(path: Path, stop_before_pixels: bool, max_mib: float) -> Any:
     """``pydicom.dcmread``, except that a deflated file is inflated by :class:`_BoundedInflate`
     (pydicom's own reader inflates the whole file first), and that the declared image size of
@@ -118,7 +161,7 @@ def _dcmread(path: Path, stop_before_pixels: bool, max_mib: float) -> Any:
     from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 
     limit = int((max_mib + HEADER_SLACK_MIB) * _MIB)
-    with open(path, "rb") as fp:
+    with _open_regular(path) as fp:
         preamble = read_preamble(fp, False)
         file_meta = _read_file_meta_info(fp)
         start = fp.tell()
@@ -169,7 +212,9 @@ def find_dicoms(root: str | Path, bad: list[tuple[Path, str]] | None = None) -> 
 
     Any depth is searched (train: ``<study>/<series>/<sop>.dcm``, test: flat). Two files with
     the same stem raise, naming both. A stem that could act as a path (``..``, ``\\``, NUL)
-    raises too, or is appended to ``bad`` as ``(path, reason)`` when ``bad`` is given.
+    or a ``.dcm`` that is not a regular file (a FIFO, a socket, a broken symlink) raises too,
+    or is appended to ``bad`` as ``(path, reason)`` when ``bad`` is given (with folders named
+    ``*.dcm``, which are searched all the same).
     """
     root = Path(root)
     if not root.is_dir():
@@ -181,12 +226,17 @@ def find_dicoms(root: str | Path, bad: list[tuple[Path, str]] | None = None) -> 
 
     for folder, dirs, files in os.walk(root, onerror=fail):
         dirs.sort()
+        if bad is not None:  # searched like any folder, and listed: it is no DICOM file
+            bad.extend((Path(folder) / name, "not a regular file (a folder)")
+                       for name in dirs if name.lower().endswith(".dcm"))
         for name in sorted(files):
             if not name.lower().endswith(".dcm"):
                 continue
             path = Path(folder) / name
             image_id = name[: -len(".dcm")]
-            reason = check_id(image_id)
+            # os.walk lists FIFOs, sockets, devices and broken symlinks as files; reading a
+            # FIFO would wait for a writer forever.
+            reason = not_regular(path) or check_id(image_id)
             if reason is not None:
                 if bad is None:
                     raise DicomError(f"{path}: {reason}")
@@ -244,7 +294,11 @@ def _read(path: Path, stop_before_pixels: bool, max_mib: float) -> tuple[Any, li
             raise DicomError(f"{path}: not a DICOM file ({first_line(e)})") from e
         except FileNotFoundError as e:
             raise DicomError(f"{path}: file not found") from e
-        except (EOFError, OSError) as e:
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # open() of a socket
+                raise DicomError(f"{path}: not a regular file (a socket)") from e
+            raise DicomError(f"{path}: truncated or unreadable DICOM ({first_line(e)})") from e
+        except EOFError as e:
             raise DicomError(f"{path}: truncated or unreadable DICOM ({first_line(e)})") from e
         except Exception as e:  # pydicom raises assorted errors on corrupt element streams
             raise DicomError(f"{path}: corrupt DICOM ({first_line(e)})") from e

@@ -104,6 +104,47 @@ def check_port(port: int, what: str, allow_zero: bool) -> int:
     return port
 
 
+def check_port_free(port: int, what: str) -> None:
+    """Raises ServiceError naming ``what`` and ``port`` when a server could not listen on
+    ``port`` on every interface (as TensorFlow's gRPC servers do): another process holds it,
+    or it needs privileges. TensorFlow itself only says "Could not start gRPC server"."""
+    import errno
+    import socket
+
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host
+            continue
+        with sock:
+            # SO_REUSEADDR as gRPC sets it: a port whose last connections linger in TIME_WAIT
+            # is free, one that a socket listens on (or is bound to) is not.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ServiceError(f"{what} {port}: port already in use (another process "
+                                       "listens on it); choose another port or stop that "
+                                       "process") from None
+                if e.errno == errno.EACCES:
+                    raise ServiceError(f"{what} {port}: permission denied (ports below 1024 "
+                                       "need privileges); choose another port") from None
+                if e.errno == errno.EADDRNOTAVAIL:  # IPv6 present but unusable
+                    continue
+                raise ServiceError(f"{what} {port}: cannot listen ({e.strerror or e})") from None
+
+
+def _started(make, port: int, what: str):
+    """``make()`` (a TensorFlow server on ``port``), its "Could not start gRPC server" (the port
+    taken between :func:`check_port_free` and now) a ServiceError naming the port."""
+    try:
+        return make()
+    except RuntimeError as e:
+        raise ServiceError(f"{what} {port}: cannot start the server ({str(e).strip()}; is the "
+                           "port already in use?)") from None
+
+
 def parse_address(address: str, what: str) -> tuple[str, int]:
     """``(host, port)`` of ``host:port``, ``grpc://host:port`` or ``[v6]:port``; ServiceError
     naming ``what`` when it is not one."""
@@ -143,7 +184,8 @@ def serve_worker(dispatcher_address: str, augments=(), host: str | None = None,
     import socket
 
     address = dispatcher_address.removeprefix("grpc://")
-    worker = _start_worker(address, list(augments), host or socket.getfqdn(), port)
+    worker = _started(lambda: _start_worker(address, list(augments), host or socket.getfqdn(),
+                                            port), port, "data-worker --port")
     _serve_until_interrupted(worker)
 
 
@@ -152,8 +194,8 @@ def serve_dispatcher(port: int) -> None:
     from tfpneumo.tfimport import quiet_tensorflow
 
     tf = quiet_tensorflow()
-    dispatcher = tf.data.experimental.service.DispatchServer(
-        tf.data.experimental.service.DispatcherConfig(port=port))
+    dispatcher = _started(lambda: tf.data.experimental.service.DispatchServer(
+        tf.data.experimental.service.DispatcherConfig(port=port)), port, "data-service --port")
     _serve_until_interrupted(dispatcher)
 
 

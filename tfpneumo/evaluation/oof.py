@@ -9,6 +9,8 @@ probability map. Bin ``b`` holds ``[b / bins, (b + 1) / bins)`` (1.0 in the last
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tfpneumo import runs
-from tfpneumo.errors import TfpneumoError
+from tfpneumo.errors import TfpneumoError, first_line
 
 HIST_BINS = 256
 OOF_KEYS = ("image_id", "label_prob", "has_mask", "hist_all", "hist_true", "pixels")
@@ -120,16 +122,40 @@ class OofStats:
         return OofStats(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
-def load_oof(path: Path, fold: int) -> OofStats:
-    """Reads and checks one ``oof.npz``; any problem is a one-line error naming the file."""
+def _rerun(path: Path, fold: int) -> str:
+    """How to make ``path`` again: ``train`` writes it when a fold finishes (a rerun of a
+    finished fold keeps its folder as it is)."""
+    return (f"train writes it: move {path.parent} away, rerun `tfpneumo train --fold {fold}`, "
+            "then `tfpneumo evaluate`")
+
+
+def _read_oof_arrays(path: Path, fold: int) -> dict[str, np.ndarray]:
+    """The arrays of one ``oof.npz`` (with ``model`` when present); a file that is not a whole
+    numpy archive (truncated, corrupt, not a zip) is a one-line error naming it."""
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in OOF_KEYS if k not in data.files]
             if missing:
-                raise TfpneumoError(f"{path}: not an OOF statistics file (missing {missing})")
-            arrays = {k: data[k] for k in OOF_KEYS}
-    except (OSError, ValueError, EOFError) as e:
-        raise TfpneumoError(f"{path}: cannot read OOF statistics ({e})") from e
+                raise TfpneumoError(f"{path}: not an OOF statistics file (missing {missing}); "
+                                    f"{_rerun(path, fold)}")
+            return {k: data[k] for k in (*OOF_KEYS, "model") if k in data.files}
+    # A cut-off zip: BadZipFile (central directory gone), EOFError or zlib.error (a member cut
+    # short), ValueError (a bad npy header or CRC); not a zip at all: ValueError (pickle).
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise TfpneumoError(f"{path}: cannot read OOF statistics, truncated or corrupt "
+                            f"({first_line(e, 120)}); {_rerun(path, fold)}") from e
+
+
+def load_oof(path: Path, fold: int) -> OofStats:
+    """Reads and checks one ``oof.npz``; any problem is a one-line error naming the file."""
+    return _check_oof(path, fold, _read_oof_arrays(path, fold))
+
+
+def _check_oof(path: Path, fold: int, arrays: dict[str, np.ndarray]) -> OofStats:
+    for key in OOF_KEYS:
+        if key != "image_id" and arrays[key].dtype.kind not in "biuf":
+            raise TfpneumoError(f"{path}: {key} holds {arrays[key].dtype}, not numbers "
+                                f"(corrupt statistics); {_rerun(path, fold)}")
     hist_all, hist_true = arrays["hist_all"], arrays["hist_true"]
     n = len(arrays["image_id"])
     if n == 0:
@@ -141,9 +167,11 @@ def load_oof(path: Path, fold: int) -> OofStats:
         if arrays[key].shape != (n,):
             raise TfpneumoError(f"{path}: {key} has shape {arrays[key].shape}, expected ({n},)")
     if np.any(hist_true > hist_all) or np.any(hist_true < 0):
-        raise TfpneumoError(f"{path}: hist_true exceeds hist_all (corrupt statistics)")
+        raise TfpneumoError(f"{path}: hist_true exceeds hist_all (corrupt statistics); "
+                            f"{_rerun(path, fold)}")
     if np.any(hist_all.sum(axis=1, dtype=np.int64) != arrays["pixels"]):
-        raise TfpneumoError(f"{path}: histogram sums differ from pixels (corrupt statistics)")
+        raise TfpneumoError(f"{path}: histogram sums differ from pixels (corrupt statistics); "
+                            f"{_rerun(path, fold)}")
     return OofStats(
         image_id=arrays["image_id"].astype(str),
         fold=np.full(n, fold, np.int64),
@@ -170,9 +198,9 @@ def load_run_oof(experiment: str, folds: Sequence[int], workdir: str | Path = ".
         if not path.exists():
             raise TfpneumoError(f"{path}: missing although {runs.RESULT} exists; "
                                 f"rerun tfpneumo train --fold {k}")
-        parts.append(load_oof(path, k))
-        with np.load(path, allow_pickle=False) as data:
-            models[k] = str(data["model"]) if "model" in data.files else "?"
+        arrays = _read_oof_arrays(path, k)
+        parts.append(_check_oof(path, k, arrays))
+        models[k] = str(arrays["model"]) if "model" in arrays else "?"
     stats = OofStats.concat(parts)
     if len({p.bins for p in parts}) != 1 or len(np.unique(stats.pixels)) != 1:
         raise TfpneumoError(f"{runs.run_root(experiment, workdir)}: the folds' OOF statistics mix "

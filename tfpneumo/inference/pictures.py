@@ -1,6 +1,7 @@
 """``tfpneumo predict``: pictures of the ensemble's prediction for a few DICOMs.
 
-For each file ``<id>.dcm`` three PNGs at the DICOM's own size go into ``out``:
+For each file ``<id>.dcm`` three PNGs at the DICOM's own size go into ``out``, each written
+whole or not at all (a temporary file, then a rename):
 
 ``<id>_prob.png``     mask probability as 8-bit grey (0..255 = 0..1)
 ``<id>_mask.png``     the thresholded, gated mask (0 / 255), exactly what ``submit`` encodes
@@ -12,6 +13,8 @@ Models, TTA and thresholds are those of :mod:`tfpneumo.inference.submission`.
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +27,7 @@ from tfpneumo.config import Config
 from tfpneumo.drawing import font
 from tfpneumo.errors import TfpneumoError
 from tfpneumo.evaluation.rules import resize_prob, resolve_rule
+from tfpneumo.files import write_bytes
 from tfpneumo.inference.ensemble import check_options, predictor
 from tfpneumo.inference.images import dicom_items
 
@@ -68,11 +72,21 @@ def overlay(image: np.ndarray, mask: np.ndarray, label_prob: float) -> np.ndarra
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
+    """``array`` as a PNG under exactly ``path``, whole or not at all: encoded in memory, then
+    written to a temporary file and renamed (a full disk left 0-byte PNGs under the final
+    names). A full disk or quota is one line naming the file."""
+    import io
+
     from PIL import Image
 
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
     try:
-        Image.fromarray(array).save(path, format="PNG")
+        write_bytes(path, buffer.getvalue())
     except OSError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise TfpneumoError(f"{path}: cannot write ({os.strerror(e.errno)}); free space and "
+                                "rerun") from None
         raise TfpneumoError(f"{path}: cannot write ({e.strerror or e})") from e
 
 

@@ -66,10 +66,62 @@ def input_convention(path: Path) -> str | None:
             config = json.loads(z.read("config.json"))
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise TfpneumoError(f"{path}: cannot load model ({first_line(e, 200)})") from e
-    for layer in (config.get("config") or {}).get("layers") or []:
-        if layer.get("class_name") == "GreyPixels":
-            return (layer.get("config") or {}).get("convention")
+    # Valid JSON of any shape: only objects are looked into (a list or a number has no layers).
+    model = config.get("config") if isinstance(config, dict) else None
+    layers = model.get("layers") if isinstance(model, dict) else None
+    if not isinstance(config, dict) or not isinstance(layers, list):
+        raise TfpneumoError(f"{path}: config.json is not a Keras model's config (a JSON object "
+                            "with config.layers); not a tfpneumo network")
+    for layer in layers:
+        if isinstance(layer, dict) and layer.get("class_name") == "GreyPixels":
+            layer_config = layer.get("config")
+            convention = layer_config.get("convention") if isinstance(layer_config, dict) else None
+            return convention if isinstance(convention, str) else "(unreadable)"
     return None
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def check_shapes(path: Path, net) -> None:
+    """Refuses, naming ``path``, a network whose input is not one grey image ``(None, H, W, 1)``
+    or whose ``mask`` / ``label`` outputs are not ``(None, H, W, 1)`` / ``(None, 1)``.
+
+    The declared shapes are checked, then the network is traced symbolically (no computation)
+    on a ``(1, H, W, 1)`` image (H = W = 64 when the input takes any size), which catches a
+    mask of another size than its image (a decoder a level short) whatever was declared.
+    """
+    import keras
+
+    inputs = getattr(net, "inputs", None) or []
+    if len(inputs) != 1:
+        raise TfpneumoError(f"{path}: the network takes {len(inputs)} inputs, a tfpneumo "
+                            "network takes one grey image (None, H, W, 1)")
+    image = tuple(inputs[0].shape)
+    if len(image) != 4 or image[-1] != 1:
+        raise TfpneumoError(f"{path}: input shape {_shape(image)}, a tfpneumo network takes "
+                            "grey images (None, H, W, 1)")
+    mask, label = tuple(net.output["mask"].shape), tuple(net.output["label"].shape)
+    side = tuple(image[1:3])
+    if len(mask) != 4 or mask[-1] != 1 or any(
+            m is not None and i is not None and m != i for m, i in zip(mask[1:3], side, strict=True)):
+        raise TfpneumoError(f"{path}: output 'mask' has shape {_shape(mask)}, expected "
+                            f"{_shape((None, *side, 1))} (one probability per input pixel)")
+    if len(label) != 2 or label[-1] != 1:
+        raise TfpneumoError(f"{path}: output 'label' has shape {_shape(label)}, expected "
+                            "(None, 1) (one probability per image)")
+    probe = tuple(64 if d is None else d for d in side)
+    try:
+        spec = net.compute_output_spec(keras.KerasTensor((1, *probe, 1)))
+        traced = {k: tuple(spec[k].shape) for k in ("mask", "label")}
+    except Exception as e:  # any layer may refuse the shape, each in its own way
+        raise TfpneumoError(f"{path}: the network cannot take a grey image {_shape((1, *probe, 1))} "
+                            f"({first_line(e, 150)})") from e
+    if traced["mask"] != (1, *probe, 1) or traced["label"] != (1, 1):
+        raise TfpneumoError(f"{path}: on a grey image {_shape((1, *probe, 1))} the network gives "
+                            f"mask {_shape(traced['mask'])} and label {_shape(traced['label'])}, "
+                            f"expected {_shape((1, *probe, 1))} and (1, 1)")
 
 
 def load_network(path: str | Path):
@@ -98,4 +150,5 @@ def load_network(path: str | Path):
     if not {"mask", "label"} <= set(outputs):
         raise TfpneumoError(f"{path}: not a tfpneumo UNet (outputs must include 'mask' and "
                             "'label')")
+    check_shapes(path, net)
     return net
