@@ -184,9 +184,9 @@ class ModelConfig:
     head_pool: Literal["avg", "avgmax"] = "avg"
     bn_momentum: float = 0.99
     # Initial probability of the mask output: its bias starts at log(p / (1 - p)) (RetinaNet's
-    # prior initialisation). With a zero bias (0.5) the first steps' gradient from the ~99 % of
-    # empty pixels slams the mask output to "empty everywhere", and on data we were not tuned on
-    # it often never recovers (README, "Does a run learn?").
+    # prior initialisation). With a zero bias (0.5) every image starts predicted full and the
+    # first steps go into pushing the ~99 % of empty pixels down: on data we were not tuned on
+    # the demo budget then learned nothing (README, "Does a run learn?").
     mask_prior: float = 0.01
 
     def validate(self, prefix: str) -> None:
