@@ -200,9 +200,13 @@ class ModelConfig:
                "must be imagenet, none or a path to a .h5 weights file")
 
 
+# The mask losses build_losses knows (tfpneumo.training.losses.MASK_KINDS reads them from here)
+MaskLoss = Literal["bce", "dice", "log_dice", "focal", "lovasz", "ohem_bce", "combo"]
+
+
 @dataclass(frozen=True)
 class LossConfig:
-    mask: Literal["bce", "dice", "log_dice", "focal", "lovasz", "ohem_bce", "combo"] = "combo"
+    mask: MaskLoss = "combo"
     combo_bce: float = 3.0
     combo_dice: float = 1.0
     combo_focal: float = 4.0

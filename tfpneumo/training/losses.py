@@ -32,19 +32,20 @@ import contextlib
 import contextvars
 import math
 import numbers
+import typing
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
 from keras import ops
 
-from tfpneumo.config import LossConfig
+from tfpneumo.config import LossConfig, MaskLoss
 from tfpneumo.errors import TfpneumoError
 
 EPSILON = 1e-7
 """Probabilities are clipped to ``[EPSILON, 1 - EPSILON]`` before a log (logit range +-16.1)."""
 
-MASK_KINDS = ("bce", "dice", "log_dice", "focal", "lovasz", "ohem_bce", "combo")
+MASK_KINDS = typing.get_args(MaskLoss)
 """The values of ``LossConfig.mask`` that :func:`build_losses` knows."""
 
 
