@@ -1,0 +1,112 @@
+"""tfpneumo export: the SavedModel, loaded in a fresh process, reproduces predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from factories import make_run
+
+import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
+from tfpneumo import TfpneumoError
+
+SIZE = 64  # prediction size inside the graph: small keeps the test fast
+TOLERANCE = 1e-4  # max |probability - predict's| allowed; measured: 6e-8
+
+# Runs in a fresh Python: only TensorFlow and the exported folder, no tfpneumo network code.
+SERVE = """
+import sys, numpy as np, tensorflow as tf
+model, images, out = sys.argv[1:4]
+serve = tf.saved_model.load(model).signatures["serving_default"]
+pixels = np.load(images)
+outputs = {}
+for i in range(len(pixels.files)):
+    for name, value in serve(images=tf.constant(pixels[f"image_{i}"][None])).items():
+        outputs[f"{name}_{i}"] = value.numpy()[0]
+# (B, H, W, 1) is taken too, and a batch of two
+pair = np.stack([pixels["image_0"], pixels["image_1"]])[..., None]
+outputs["pair"] = serve(images=tf.constant(pair))["probability"].numpy()
+np.savez(out, **outputs)
+"""
+
+
+def test_saved_model_in_a_fresh_process_reproduces_predict(siim_mini, tmp_path):
+    """The library functions predict uses (Predictor, resize_prob, Rule.mask) against the
+    exported serving_default signature on three real test DICOMs (1024 x 1024 uint8)."""
+    from tfpneumo.evaluation.rules import resize_prob, resolve_rule
+    from tfpneumo.inference.ensemble import predictor
+    from tfpneumo.inference.export import export
+    from tfpneumo.inference.images import dicom_items
+
+    cfg = make_run(tmp_path)
+    files = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[:3]
+    predictions = list(predictor(cfg, size=SIZE, workdir=tmp_path).predict(dicom_items(files)))
+    # the label rule with its threshold between the images' label probabilities: the
+    # exported gate must say yes to some images and no to others
+    labels = sorted(p.label_prob for p in predictions)
+    rule = {"kind": "label", "label_threshold": round(0.5 * (labels[0] + labels[1]), 7),
+            "bottom": 0.5, "min_area": 1}
+    decision, _ = resolve_rule(cfg.experiment, tmp_path, rule, SIZE * SIZE)
+    assert {decision.gate(p.prob, p.label_prob) for p in predictions} == {True, False}
+
+    out = tmp_path / "model"
+    summary = export(cfg, out=out, rule=rule, size=SIZE, workdir=tmp_path)
+    assert summary.startswith(f"exported 1 fold(s) (fold_0/best.keras) as saved_model to {out}")
+    info = json.loads((out / "export.json").read_text())
+    assert info["folds"] == [0] and info["networks"] == ["fold_0/best.keras"]
+    assert info["weights"] == "auto" and info["size"] == SIZE
+    assert info["rule"] == {"rule": "label", "bottom": 0.5, "top": None, "min_area": 1,
+                            "label_threshold": rule["label_threshold"]}
+    assert info["rule_source"] == "options" and info["tta"] == {"hflip": True, "scales": [1.0]}
+    assert info["input"]["dtype"] == "uint8" and info["signature"] == "serving_default"
+    assert info["input"]["network_convention"] == "grey-pixels-0-255"
+    assert info["run"] == str((tmp_path / "runs" / "tiny").resolve())
+
+    np.savez(tmp_path / "images.npz", **{f"image_{i}": p.original for i, p in enumerate(predictions)})
+    subprocess.run([sys.executable, "-c", SERVE, str(out), str(tmp_path / "images.npz"),
+                    str(tmp_path / "served.npz")], check=True, capture_output=True, timeout=300)
+    served = np.load(tmp_path / "served.npz")
+    probs = []
+    for i, p in enumerate(predictions):
+        prob = resize_prob(p.prob, p.original.shape)
+        probs.append(prob)
+        assert served[f"probability_{i}"].shape == p.original.shape == (1024, 1024)
+        assert np.abs(served[f"probability_{i}"] - prob).max() <= TOLERANCE
+        np.testing.assert_array_equal(
+            served[f"mask_{i}"], decision.mask(p.prob, p.label_prob, p.original.shape))
+        assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
+        assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)
+    assert np.abs(served["pair"] - np.stack(probs[:2])).max() <= TOLERANCE
+
+
+def test_export_bad_inputs_are_one_line_errors(tmp_path):
+    from tfpneumo.config import load_config
+    from tfpneumo.inference.export import export
+
+    rule = {"bottom": 0.5}
+    cfg = load_config(None, ["experiment=none", f"data.cache={tmp_path / 'no-cache'}"])
+    with pytest.raises(TfpneumoError, match=r"--format pmml: expected one of saved_model") as e:
+        export(cfg, out=tmp_path / "m", fmt="pmml", rule=rule, workdir=tmp_path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TfpneumoError, match="no trained fold") as e:
+        export(cfg, out=tmp_path / "m", rule=rule, workdir=tmp_path)
+    assert "\n" not in str(e.value) and not (tmp_path / "m").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(TfpneumoError, match="not an empty folder"):
+        export(cfg, out=tmp_path / "full", rule=rule, workdir=tmp_path)
+
+
+def test_export_command_prints_one_line_errors(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tfpneumo.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["export", "--out", "m", "--format", "pmml"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: --format pmml: expected one of saved_model"]

@@ -1,0 +1,164 @@
+"""``tfpneumo export``: the fold ensemble as one self-contained TensorFlow SavedModel.
+
+Inside the graph: the networks ``predict`` and ``submit`` use (same folds, same weights kind),
+the resize of the DICOM pixels to the prediction size, horizontal-flip (and multi-scale) TTA,
+the resize of the probabilities back to the input size and the decision rule of
+:func:`tfpneumo.evaluation.rules.resolve_rule`. ``serving_default`` (TensorFlow Serving loads
+the folder as it is):
+
+input ``images``
+    uint8 grey pixels, ``(B, H, W)`` or ``(B, H, W, 1)``, any ``H`` and ``W`` (one size per
+    batch): the decoded DICOM pixels ``predict`` reads (:func:`tfpneumo.data.dicom.read_dicom`).
+outputs
+    ``probability`` (B, H, W) float32 mask probability at the input size, ``mask`` (B, H, W)
+    uint8 0/1 under the rule, ``label_probability`` (B,) float32 (classification head) and
+    ``positive`` (B,) bool, whether the rule gives the image a mask.
+
+The resize to the prediction size is :func:`tfpneumo.data.preprocess.resize_image`'s: area
+averaging when shrinking, bilinear when growing, rounded to whole grey levels as OpenCV does
+on uint8 images. ``export.json`` next to the model records the source run, folds, weights
+kind, rule and input convention.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tfpneumo import __version__, runs
+from tfpneumo.config import Config
+from tfpneumo.data.manifest import find_cache_info
+from tfpneumo.errors import TfpneumoError
+from tfpneumo.evaluation.rules import Rule, resolve_rule
+from tfpneumo.inference.ensemble import check_options
+from tfpneumo.models.layers import INPUT_CONVENTION
+
+FORMATS = ("saved_model",)
+EXPORT_JSON = "export.json"
+SIGNATURE = "serving_default"
+OUTPUTS = ("probability", "mask", "label_probability", "positive")
+
+
+def _ensemble_graph(nets: list, size: int, rule: Rule, hflip: bool, scales: tuple[float, ...]):
+    """The serving function: uint8 images (B, H, W[, 1]) -> the dict of :data:`OUTPUTS`."""
+    import tensorflow as tf
+
+    from tfpneumo.inference.ensemble import predict_tta
+
+    bottom = tf.constant(rule.bottom, tf.float32)
+    cut = tf.constant(rule.top if rule.kind == "triplet" else rule.bottom, tf.float32)
+    min_area = tf.constant(rule.min_area, tf.int32)
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
+    def serve(images):
+        shape = tf.shape(images)
+        rank_ok = tf.logical_or(tf.equal(tf.rank(images), 3),
+                                tf.logical_and(tf.equal(tf.rank(images), 4),
+                                               tf.equal(shape[-1], 1)))
+        tf.debugging.Assert(rank_ok, ["images must be uint8 (B, H, W) or (B, H, W, 1), got shape",
+                                      shape])
+        height, width = shape[1], shape[2]
+        grey = tf.cast(tf.reshape(images, tf.stack([shape[0], height, width, 1])), tf.float32)
+        # resize_image: INTER_AREA when shrinking (size < min(H, W)), else INTER_LINEAR; OpenCV
+        # rounds the uint8 result (half to even), so the network sees whole grey levels.
+        shrink = tf.less(size, tf.minimum(height, width))
+        same = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
+        resized = tf.case([(same, lambda: grey),
+                           (shrink, lambda: tf.image.resize(grey, [size, size], method="area"))],
+                          default=lambda: tf.image.resize(grey, [size, size], method="bilinear"))
+        pixels = tf.clip_by_value(tf.round(resized), 0.0, 255.0)  # half to even, as OpenCV
+        pixels = tf.ensure_shape(pixels, [None, size, size, 1])
+        masks, labels = [], []
+        for net in nets:
+            mask, label = predict_tta(net, pixels, hflip, scales)
+            masks.append(mask)
+            labels.append(label)
+        prob = tf.add_n(masks) / len(nets)  # (B, size, size, 1)
+        label_prob = tf.add_n(labels) / len(nets)  # (B,)
+        # Rule.gate on the map at the prediction size (where min_area holds)
+        area = tf.reduce_sum(tf.cast(prob >= cut, tf.int32), axis=[1, 2, 3])
+        positive = area >= min_area
+        if rule.kind == "label":
+            positive = tf.logical_and(positive, label_prob > rule.label_threshold)
+        # back to the input size (bilinear, as rules.resize_prob); the mask is cut there
+        full = tf.cond(same, lambda: prob,
+                       lambda: tf.image.resize(prob, [height, width], method="bilinear"))[..., 0]
+        mask = tf.logical_and(full >= bottom, positive[:, None, None])
+        return {"probability": full, "mask": tf.cast(mask, tf.uint8),
+                "label_probability": label_prob, "positive": positive}
+
+    return serve
+
+
+def export(cfg: Config, *, out: Path, fmt: str = "saved_model", folds: runs.FoldSpec = "all",
+           weights: str = "auto", rule: dict[str, Any] | None = None, size: int | None = None,
+           hflip: bool = True, scales: Sequence[float] = (1.0,),
+           workdir: Path = Path(".")) -> str:
+    """Writes the SavedModel into ``out`` (a new or empty folder) with ``export.json`` next to
+    the model files, and returns a summary. ``size`` None: the training size
+    (``data.image_size``). Other options as in :func:`tfpneumo.inference.pictures.predict`.
+    Bad options raise one line before any network is loaded."""
+    start = time.perf_counter()
+    if fmt not in FORMATS:
+        raise TfpneumoError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    size = int(size if size is not None else cfg.data.image_size)
+    check_options(size, None, scales)
+    scales = tuple(float(s) for s in scales)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TfpneumoError(f"--out {out}: exists and is not an empty folder; choose a new one")
+    cache = find_cache_info(cfg.data.cache)
+    clahe = cache.clahe if cache is not None else cfg.prepare.clahe
+    if clahe:
+        raise TfpneumoError("the run's images are CLAHE-equalised, which the exported graph "
+                            "cannot do; export supports runs on caches without --clahe")
+    files = runs.ensemble_files(cfg.experiment, folds, weights, workdir)
+    decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
+
+    from tfpneumo.tfimport import quiet_tensorflow
+
+    tf = quiet_tensorflow()
+    from tfpneumo.models.saved import load_network
+
+    nets = [load_network(p) for p in files]
+    module = tf.Module()
+    module.networks = nets  # tracked: their variables are saved with the graph
+    module.serve = _ensemble_graph(nets, size, decision, hflip, scales)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tf.saved_model.save(module, str(out), signatures={SIGNATURE: module.serve})
+    except OSError as e:
+        raise TfpneumoError(f"{out}: cannot write ({e.strerror or e})") from e
+    info = {
+        "format": fmt,
+        "tfpneumo": __version__,
+        "run": str(runs.run_root(cfg.experiment, workdir).resolve()),
+        "experiment": cfg.experiment,
+        "folds": [runs.fold_of(p) for p in files],
+        "networks": [f"{p.parent.name}/{p.name}" for p in files],
+        "weights": weights,
+        "rule": decision.to_json(),
+        "rule_source": source,
+        "size": size,
+        "tta": {"hflip": hflip, "scales": list(scales)},
+        "signature": SIGNATURE,
+        "input": {"name": "images", "dtype": "uint8", "shape": "(B, H, W) or (B, H, W, 1)",
+                  "pixels": "decoded DICOM grey pixels 0..255, any H and W (one size per batch)",
+                  "resize": f"to {size}x{size} inside: area when shrinking, bilinear when "
+                            "growing, rounded to whole grey levels; non-square images squashed",
+                  "network_convention": INPUT_CONVENTION},
+        "outputs": {"probability": "(B, H, W) float32 mask probability at the input size",
+                    "mask": "(B, H, W) uint8 0/1 under the rule",
+                    "label_probability": "(B,) float32 image-level probability",
+                    "positive": "(B,) bool: the rule gives the image a mask"},
+    }
+    (out / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    tta = "hflip" if hflip else "no flip"
+    if scales != (1.0,):
+        tta += f", scales {','.join(f'{s:g}' for s in scales)}"
+    return (f"exported {len(files)} fold(s) ({', '.join(info['networks'])}) as {fmt} to {out}; "
+            f"{tta}, size {size}; thresholds {decision.describe()} ({source}); "
+            f"signature {SIGNATURE}; {time.perf_counter() - start:.1f} s")
