@@ -29,6 +29,10 @@ for i in range(len(pixels.files)):
 # (B, H, W, 1) is taken too, and a batch of two
 pair = np.stack([pixels["image_0"], pixels["image_1"]])[..., None]
 outputs["pair"] = serve(images=tf.constant(pair))["probability"].numpy()
+try:  # three channels: refused, saying what the input must be
+    serve(images=tf.zeros((1, 8, 8, 3), tf.uint8))
+except tf.errors.InvalidArgumentError as e:
+    outputs["refused"] = "images must be uint8 (B, H, W) or (B, H, W, 1)" in str(e)
 np.savez(out, **outputs)
 """
 
@@ -57,7 +61,7 @@ def test_saved_model_in_a_fresh_process_reproduces_predict(siim_mini, tmp_path):
     assert summary.startswith(f"exported 1 fold(s) (fold_0/best.keras) as saved_model to {out}")
     info = json.loads((out / "export.json").read_text())
     assert info["folds"] == [0] and info["networks"] == ["fold_0/best.keras"]
-    assert info["weights"] == "auto" and info["size"] == SIZE
+    assert info["weights"] == "auto" and info["weights_kinds"] == ["best"] and info["size"] == SIZE
     assert info["rule"] == {"rule": "label", "bottom": 0.5, "top": None, "min_area": 1,
                             "label_threshold": rule["label_threshold"]}
     assert info["rule_source"] == "options" and info["tta"] == {"hflip": True, "scales": [1.0]}
@@ -80,6 +84,7 @@ def test_saved_model_in_a_fresh_process_reproduces_predict(siim_mini, tmp_path):
         assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
         assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)
     assert np.abs(served["pair"] - np.stack(probs[:2])).max() <= TOLERANCE
+    assert bool(served["refused"])
 
 
 def test_export_bad_inputs_are_one_line_errors(tmp_path):

@@ -58,10 +58,11 @@ def _ensemble_graph(nets: list, size: int, rule: Rule, hflip: bool, scales: tupl
         rank_ok = tf.logical_or(tf.equal(tf.rank(images), 3),
                                 tf.logical_and(tf.equal(tf.rank(images), 4),
                                                tf.equal(shape[-1], 1)))
-        tf.debugging.Assert(rank_ok, ["images must be uint8 (B, H, W) or (B, H, W, 1), got shape",
-                                      shape])
-        height, width = shape[1], shape[2]
-        grey = tf.cast(tf.reshape(images, tf.stack([shape[0], height, width, 1])), tf.float32)
+        check = tf.debugging.Assert(rank_ok, ["images must be uint8 (B, H, W) or (B, H, W, 1), "
+                                              "got shape", shape])
+        with tf.control_dependencies([check]):
+            height, width = tf.identity(shape[1]), tf.identity(shape[2])
+            grey = tf.cast(tf.reshape(images, tf.stack([shape[0], height, width, 1])), tf.float32)
         # resize_image: INTER_AREA when shrinking (size < min(H, W)), else INTER_LINEAR; OpenCV
         # rounds the uint8 result (half to even), so the network sees whole grey levels.
         shrink = tf.less(size, tf.minimum(height, width))
@@ -140,6 +141,7 @@ def export(cfg: Config, *, out: Path, fmt: str = "saved_model", folds: runs.Fold
         "folds": [runs.fold_of(p) for p in files],
         "networks": [f"{p.parent.name}/{p.name}" for p in files],
         "weights": weights,
+        "weights_kinds": sorted({p.stem for p in files}),  # what "auto" resolved to
         "rule": decision.to_json(),
         "rule_source": source,
         "size": size,
