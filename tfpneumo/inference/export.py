@@ -42,15 +42,30 @@ SIGNATURE = "serving_default"
 OUTPUTS = ("probability", "mask", "label_probability", "positive")
 
 
+def _area_weights(n_in, n_out: int):
+    """(n_out, n_in) float32: the share of each input pixel in each output pixel when ``n_in``
+    pixels are averaged down to ``n_out`` (OpenCV's INTER_AREA, TensorFlow's ResizeArea).
+    A matrix product instead of ResizeArea, which ONNX converters turn into nearest."""
+    import tensorflow as tf
+
+    scale = tf.cast(n_in, tf.float32) / float(n_out)
+    out = tf.range(n_out, dtype=tf.float32)[:, None]
+    pixel = tf.range(tf.cast(n_in, tf.float32), dtype=tf.float32)[None, :]
+    overlap = tf.minimum(pixel + 1.0, (out + 1.0) * scale) - tf.maximum(pixel, out * scale)
+    return tf.maximum(overlap, 0.0) / scale
+
+
 def _ensemble_graph(nets: list, size: int, rule: Rule, hflip: bool, scales: tuple[float, ...]):
     """The serving function: uint8 images (B, H, W[, 1]) -> the dict of :data:`OUTPUTS`."""
     import tensorflow as tf
 
     from tfpneumo.inference.ensemble import predict_tta
 
-    bottom = tf.constant(rule.bottom, tf.float32)
-    cut = tf.constant(rule.top if rule.kind == "triplet" else rule.bottom, tf.float32)
-    min_area = tf.constant(rule.min_area, tf.int32)
+    # Python numbers, made constants inside the graph (captured eager tensors would become
+    # extra inputs of a converted ONNX graph)
+    bottom = float(rule.bottom)
+    cut = float(rule.top if rule.kind == "triplet" else rule.bottom)
+    min_area = int(rule.min_area)
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
     def serve(images):
@@ -68,7 +83,9 @@ def _ensemble_graph(nets: list, size: int, rule: Rule, hflip: bool, scales: tupl
         shrink = tf.less(size, tf.minimum(height, width))
         same = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
         resized = tf.case([(same, lambda: grey),
-                           (shrink, lambda: tf.image.resize(grey, [size, size], method="area"))],
+                           (shrink, lambda: tf.einsum("ih,bhwc,jw->bijc",
+                                                      _area_weights(height, size), grey,
+                                                      _area_weights(width, size)))],
                           default=lambda: tf.image.resize(grey, [size, size], method="bilinear"))
         pixels = tf.clip_by_value(tf.round(resized), 0.0, 255.0)  # half to even, as OpenCV
         pixels = tf.ensure_shape(pixels, [None, size, size, 1])
@@ -80,14 +97,15 @@ def _ensemble_graph(nets: list, size: int, rule: Rule, hflip: bool, scales: tupl
         prob = tf.add_n(masks) / len(nets)  # (B, size, size, 1)
         label_prob = tf.add_n(labels) / len(nets)  # (B,)
         # Rule.gate on the map at the prediction size (where min_area holds)
-        area = tf.reduce_sum(tf.cast(prob >= cut, tf.int32), axis=[1, 2, 3])
-        positive = area >= min_area
+        area = tf.reduce_sum(tf.cast(prob >= tf.constant(cut, tf.float32), tf.int32), axis=[1, 2, 3])
+        positive = area >= tf.constant(min_area, tf.int32)
         if rule.kind == "label":
-            positive = tf.logical_and(positive, label_prob > rule.label_threshold)
+            positive = tf.logical_and(positive, label_prob > tf.constant(rule.label_threshold,
+                                                                         tf.float32))
         # back to the input size (bilinear, as rules.resize_prob); the mask is cut there
         full = tf.cond(same, lambda: prob,
                        lambda: tf.image.resize(prob, [height, width], method="bilinear"))[..., 0]
-        mask = tf.logical_and(full >= bottom, positive[:, None, None])
+        mask = tf.logical_and(full >= tf.constant(bottom, tf.float32), positive[:, None, None])
         return {"probability": full, "mask": tf.cast(mask, tf.uint8),
                 "label_probability": label_prob, "positive": positive}
 
