@@ -207,7 +207,8 @@ def export(
     out: Annotated[Path, typer.Option(help="New (or empty) folder for the exported model.")],
     config: ConfigOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="saved_model (TensorFlow SavedModel with "
-                                     "a serving_default signature).")] = "saved_model",
+                                     "a serving_default signature) | onnx (model.onnx; needs "
+                                     "tfpneumo[export]).")] = "saved_model",
     folds: FoldsOpt = "all", weights: WeightsOpt = "auto",
     size: Annotated[int | None, typer.Option(
         help="Prediction size in pixels inside the graph (default: the training size).")] = None,

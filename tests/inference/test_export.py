@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -114,4 +115,54 @@ def test_export_command_prints_one_line_errors(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["export", "--out", "m", "--format", "pmml"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "error: --format pmml: expected one of saved_model"]
+        "error: --format pmml: expected one of saved_model, onnx"]
+
+
+# Runs in a fresh Python: onnxruntime and the .onnx file only.
+SERVE_ONNX = """
+import sys, numpy as np, onnxruntime as ort
+model, images, out = sys.argv[1:4]
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+names = [o.name for o in session.get_outputs()]
+pixels = np.load(images)
+outputs = {}
+for i in range(len(pixels.files)):
+    for name, value in zip(names, session.run(None, {"images": pixels[f"image_{i}"][None]})):
+        outputs[f"{name}_{i}"] = value[0]
+np.savez(out, **outputs)
+"""
+ONNX_MISSING = [m for m in ("tf2onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(bool(ONNX_MISSING), reason=f"{', '.join(ONNX_MISSING)} not installed: "
+                    "pip install 'tfpneumo[export]' to test --format onnx")
+def test_onnx_in_a_fresh_process_reproduces_predict(siim_mini, tmp_path):
+    from tfpneumo.evaluation.rules import resize_prob, resolve_rule
+    from tfpneumo.inference.ensemble import predictor
+    from tfpneumo.inference.export import export
+    from tfpneumo.inference.images import dicom_items
+
+    cfg = make_run(tmp_path)
+    files = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[:2]
+    predictions = list(predictor(cfg, size=SIZE, workdir=tmp_path).predict(dicom_items(files)))
+    rule = {"kind": "triplet", "top": 0.5, "bottom": 0.5, "min_area": 1}
+    decision, _ = resolve_rule(cfg.experiment, tmp_path, rule, SIZE * SIZE)
+    out = tmp_path / "onnx"
+    summary = export(cfg, out=out, fmt="onnx", rule=rule, size=SIZE, workdir=tmp_path)
+    assert summary.startswith(f"exported 1 fold(s) (fold_0/best.keras) as onnx to {out}")
+    info = json.loads((out / "export.json").read_text())
+    assert info["format"] == "onnx" and info["file"] == "model.onnx"
+    assert info["input"]["shape"] == "(B, H, W)" and info["rule"]["rule"] == "triplet"
+
+    np.savez(tmp_path / "images.npz", **{f"image_{i}": p.original for i, p in enumerate(predictions)})
+    subprocess.run([sys.executable, "-c", SERVE_ONNX, str(out / "model.onnx"),
+                    str(tmp_path / "images.npz"), str(tmp_path / "served.npz")], check=True,
+                   capture_output=True, timeout=300)
+    served = np.load(tmp_path / "served.npz")
+    for i, p in enumerate(predictions):
+        prob = resize_prob(p.prob, p.original.shape)
+        assert np.abs(served[f"probability_{i}"] - prob).max() <= TOLERANCE
+        np.testing.assert_array_equal(
+            served[f"mask_{i}"], decision.mask(p.prob, p.label_prob, p.original.shape))
+        assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
+        assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)

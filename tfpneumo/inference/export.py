@@ -1,4 +1,5 @@
-"""``tfpneumo export``: the fold ensemble as one self-contained TensorFlow SavedModel.
+"""``tfpneumo export``: the fold ensemble as one self-contained TensorFlow SavedModel (or
+ONNX file, ``model.onnx``: the same graph converted by tf2onnx, input ``(B, H, W)`` only).
 
 Inside the graph: the networks ``predict`` and ``submit`` use (same folds, same weights kind),
 the resize of the DICOM pixels to the prediction size, horizontal-flip (and multi-scale) TTA,
@@ -36,10 +37,21 @@ from tfpneumo.evaluation.rules import Rule, resolve_rule
 from tfpneumo.inference.ensemble import check_options
 from tfpneumo.models.layers import INPUT_CONVENTION
 
-FORMATS = ("saved_model",)
+FORMATS = ("saved_model", "onnx")
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 17
 EXPORT_JSON = "export.json"
 SIGNATURE = "serving_default"
 OUTPUTS = ("probability", "mask", "label_probability", "positive")
+
+
+def _import_tf2onnx():
+    try:
+        import tf2onnx
+    except ImportError as e:
+        raise TfpneumoError(f"--format onnx needs tf2onnx ({e}); pip install 'tfpneumo[export]'"
+                            ) from None
+    return tf2onnx
 
 
 def _area_weights(n_in, n_out: int):
@@ -116,13 +128,16 @@ def export(cfg: Config, *, out: Path, fmt: str = "saved_model", folds: runs.Fold
            weights: str = "auto", rule: dict[str, Any] | None = None, size: int | None = None,
            hflip: bool = True, scales: Sequence[float] = (1.0,),
            workdir: Path = Path(".")) -> str:
-    """Writes the SavedModel into ``out`` (a new or empty folder) with ``export.json`` next to
-    the model files, and returns a summary. ``size`` None: the training size
-    (``data.image_size``). Other options as in :func:`tfpneumo.inference.pictures.predict`.
-    Bad options raise one line before any network is loaded."""
+    """Writes the SavedModel (``fmt`` saved_model) or ``model.onnx`` (onnx, needs tf2onnx)
+    into ``out`` (a new or empty folder) with ``export.json`` next to the model files, and
+    returns a summary. ``size`` None: the training size (``data.image_size``). Other options
+    as in :func:`tfpneumo.inference.pictures.predict`. Bad options raise one line before any
+    network is loaded."""
     start = time.perf_counter()
     if fmt not in FORMATS:
         raise TfpneumoError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _import_tf2onnx()
     size = int(size if size is not None else cfg.data.image_size)
     check_options(size, None, scales)
     scales = tuple(float(s) for s in scales)
@@ -142,13 +157,26 @@ def export(cfg: Config, *, out: Path, fmt: str = "saved_model", folds: runs.Fold
     tf = quiet_tensorflow()
     from tfpneumo.models.saved import load_network
 
+    if fmt == "onnx":
+        tf2onnx = _import_tf2onnx()
     nets = [load_network(p) for p in files]
-    module = tf.Module()
-    module.networks = nets  # tracked: their variables are saved with the graph
-    module.serve = _ensemble_graph(nets, size, decision, hflip, scales)
+    serve = _ensemble_graph(nets, size, decision, hflip, scales)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tf.saved_model.save(module, str(out), signatures={SIGNATURE: module.serve})
+        if fmt == "saved_model":
+            module = tf.Module()
+            module.networks = nets  # tracked: their variables are saved with the graph
+            module.serve = serve
+            tf.saved_model.save(module, str(out), signatures={SIGNATURE: module.serve})
+        else:
+            # ONNX inputs have a fixed rank: (B, H, W) only
+            @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8,
+                                                        name="images")])
+            def serve_onnx(images):
+                return serve(images)
+
+            tf2onnx.convert.from_function(serve_onnx, input_signature=serve_onnx.input_signature,
+                                          opset=ONNX_OPSET, output_path=str(out / ONNX_FILE))
     except OSError as e:
         raise TfpneumoError(f"{out}: cannot write ({e.strerror or e})") from e
     info = {
@@ -164,8 +192,10 @@ def export(cfg: Config, *, out: Path, fmt: str = "saved_model", folds: runs.Fold
         "rule_source": source,
         "size": size,
         "tta": {"hflip": hflip, "scales": list(scales)},
-        "signature": SIGNATURE,
-        "input": {"name": "images", "dtype": "uint8", "shape": "(B, H, W) or (B, H, W, 1)",
+        **({"signature": SIGNATURE} if fmt == "saved_model" else
+           {"file": ONNX_FILE, "opset": ONNX_OPSET}),
+        "input": {"name": "images", "dtype": "uint8",
+                  "shape": "(B, H, W) or (B, H, W, 1)" if fmt == "saved_model" else "(B, H, W)",
                   "pixels": "decoded DICOM grey pixels 0..255, any H and W (one size per batch)",
                   "resize": f"to {size}x{size} inside: area when shrinking, bilinear when "
                             "growing, rounded to whole grey levels; non-square images squashed",
@@ -181,4 +211,5 @@ def export(cfg: Config, *, out: Path, fmt: str = "saved_model", folds: runs.Fold
         tta += f", scales {','.join(f'{s:g}' for s in scales)}"
     return (f"exported {len(files)} fold(s) ({', '.join(info['networks'])}) as {fmt} to {out}; "
             f"{tta}, size {size}; thresholds {decision.describe()} ({source}); "
-            f"signature {SIGNATURE}; {time.perf_counter() - start:.1f} s")
+            f"{'signature ' + SIGNATURE if fmt == 'saved_model' else ONNX_FILE}; "
+            f"{time.perf_counter() - start:.1f} s")
