@@ -15,7 +15,8 @@ import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is 
 from tfpneumo import TfpneumoError
 
 SIZE = 64  # prediction size inside the graph: small keeps the test fast
-TOLERANCE = 1e-4  # max |probability - predict's| allowed; measured: 6e-8
+TOLERANCE = 1e-4  # max |probability - predict's| allowed; measured: 1.2e-7 SavedModel,
+# 1.5e-6 ONNX (10 siim-mini test DICOMs, sizes 64 and 128)
 
 # Runs in a fresh Python: only TensorFlow and the exported folder, no tfpneumo network code.
 SERVE = """
@@ -162,7 +163,11 @@ def test_onnx_in_a_fresh_process_reproduces_predict(siim_mini, tmp_path):
     for i, p in enumerate(predictions):
         prob = resize_prob(p.prob, p.original.shape)
         assert np.abs(served[f"probability_{i}"] - prob).max() <= TOLERANCE
-        np.testing.assert_array_equal(
-            served[f"mask_{i}"], decision.mask(p.prob, p.label_prob, p.original.shape))
+        # onnxruntime's float arithmetic differs from TensorFlow's by ~1e-6 (measured 1.5e-6);
+        # the tiny random network puts many pixels at ~0.5, so a pixel within that of the
+        # threshold may fall the other way (measured: 5 of 10.5 M pixels on 10 DICOMs)
+        differ = served[f"mask_{i}"].astype(bool) != decision.mask(p.prob, p.label_prob,
+                                                                   p.original.shape)
+        assert np.all(np.abs(prob[differ] - decision.bottom) <= 1e-5)
         assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
         assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)
