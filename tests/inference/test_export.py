@@ -171,3 +171,20 @@ def test_onnx_in_a_fresh_process_reproduces_predict(siim_mini, tmp_path):
         assert np.all(np.abs(prob[differ] - decision.bottom) <= 1e-5)
         assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
         assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)
+
+
+def test_the_graph_resizes_dicom_pixels_like_predict(siim_mini, tf):
+    """network_pixels against resize_image (OpenCV) on a real DICOM: identical grey levels
+    for the whole-number shrink factors (halving rounds half up in OpenCV, the others half to
+    even); other factors differ by one level in a few pixels."""
+    from tfpneumo.data.dicom import read_dicom
+    from tfpneumo.data.preprocess import network_image
+    from tfpneumo.inference.export import network_pixels
+
+    pixels, _ = read_dicom(sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[0])
+    grey = tf.constant(pixels[None, ..., None], tf.float32)
+    for size, most in ((512, 0), (256, 0), (128, 0), (1024, 0), (100, 50)):
+        got = network_pixels(grey, 1024, 1024, size).numpy()[0, ..., 0]
+        expected = network_image(pixels, size).astype(np.float32)
+        assert np.abs(got - expected).max() <= (1 if most else 0)
+        assert np.count_nonzero(got != expected) <= most

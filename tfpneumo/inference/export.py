@@ -67,6 +67,25 @@ def _area_weights(n_in, n_out: int):
     return tf.maximum(overlap, 0.0) / scale
 
 
+def network_pixels(grey, height, width, size: int):
+    """(B, H, W, 1) float32 grey pixels -> (B, size, size, 1) float32 whole grey levels, as
+    :func:`tfpneumo.data.preprocess.resize_image` gives them on uint8 images: OpenCV's
+    INTER_AREA when shrinking (``size < min(H, W)``), else INTER_LINEAR, rounded half to even,
+    except the exact halving, which OpenCV rounds half up ((a + b + c + d + 2) >> 2)."""
+    import tensorflow as tf
+
+    same = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
+    shrink = tf.less(size, tf.minimum(height, width))
+    resized = tf.case([(same, lambda: grey),
+                       (shrink, lambda: tf.einsum("ih,bhwc,jw->bijc",
+                                                  _area_weights(height, size), grey,
+                                                  _area_weights(width, size)))],
+                      default=lambda: tf.image.resize(grey, [size, size], method="bilinear"))
+    halving = tf.logical_and(tf.equal(height, 2 * size), tf.equal(width, 2 * size))
+    rounded = tf.where(halving, tf.floor(resized + 0.5), tf.round(resized))
+    return tf.clip_by_value(rounded, 0.0, 255.0)
+
+
 def _ensemble_graph(nets: list, size: int, rule: Rule, hflip: bool, scales: tuple[float, ...]):
     """The serving function: uint8 images (B, H, W[, 1]) -> the dict of :data:`OUTPUTS`."""
     import tensorflow as tf
@@ -90,16 +109,7 @@ def _ensemble_graph(nets: list, size: int, rule: Rule, hflip: bool, scales: tupl
         with tf.control_dependencies([check]):
             height, width = tf.identity(shape[1]), tf.identity(shape[2])
             grey = tf.cast(tf.reshape(images, tf.stack([shape[0], height, width, 1])), tf.float32)
-        # resize_image: INTER_AREA when shrinking (size < min(H, W)), else INTER_LINEAR; OpenCV
-        # rounds the uint8 result (half to even), so the network sees whole grey levels.
-        shrink = tf.less(size, tf.minimum(height, width))
-        same = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
-        resized = tf.case([(same, lambda: grey),
-                           (shrink, lambda: tf.einsum("ih,bhwc,jw->bijc",
-                                                      _area_weights(height, size), grey,
-                                                      _area_weights(width, size)))],
-                          default=lambda: tf.image.resize(grey, [size, size], method="bilinear"))
-        pixels = tf.clip_by_value(tf.round(resized), 0.0, 255.0)  # half to even, as OpenCV
+        pixels = network_pixels(grey, height, width, size)
         pixels = tf.ensure_shape(pixels, [None, size, size, 1])
         masks, labels = [], []
         for net in nets:
@@ -115,6 +125,7 @@ def _ensemble_graph(nets: list, size: int, rule: Rule, hflip: bool, scales: tupl
             positive = tf.logical_and(positive, label_prob > tf.constant(rule.label_threshold,
                                                                          tf.float32))
         # back to the input size (bilinear, as rules.resize_prob); the mask is cut there
+        same = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
         full = tf.cond(same, lambda: prob,
                        lambda: tf.image.resize(prob, [height, width], method="bilinear"))[..., 0]
         mask = tf.logical_and(full >= tf.constant(bottom, tf.float32), positive[:, None, None])
