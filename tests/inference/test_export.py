@@ -105,6 +105,10 @@ def test_export_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(TfpneumoError, match="not an empty folder"):
         export(cfg, out=tmp_path / "full", rule=rule, workdir=tmp_path)
+    clahe = load_config(None, ["experiment=none", f"data.cache={tmp_path / 'no-cache'}",
+                               "prepare.clahe=true"])
+    with pytest.raises(TfpneumoError, match="CLAHE-equalised, which the exported graph cannot"):
+        export(clahe, out=tmp_path / "m", rule=rule, workdir=tmp_path)
 
 
 def test_export_command_prints_one_line_errors(tmp_path, monkeypatch):
