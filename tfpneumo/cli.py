@@ -203,6 +203,32 @@ def predict(
 
 @app.command()
 @one_line_errors
+def export(
+    out: Annotated[Path, typer.Option(help="New (or empty) folder for the exported model.")],
+    config: ConfigOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="saved_model (TensorFlow SavedModel with "
+                                     "a serving_default signature) | onnx (model.onnx; needs "
+                                     "tfpneumo[export]).")] = "saved_model",
+    folds: FoldsOpt = "all", weights: WeightsOpt = "auto",
+    size: Annotated[int | None, typer.Option(
+        help="Prediction size in pixels inside the graph (default: the training size).")] = None,
+    rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
+    label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
+    set_: SetOpt = None,
+) -> None:
+    """One self-contained model of the fold ensemble, TTA and rule (uint8 images in)."""
+    quiet_tensorflow()
+    from tfpneumo.inference.export import export as run_export
+
+    cfg = load_config(config, set_ or [])
+    typer.echo(run_export(cfg, out=out, fmt=fmt, folds=grammar.parse_folds(folds),
+                          weights=weights, size=size, hflip=hflip,
+                          scales=grammar.parse_scales(scales),
+                          rule=_rule(rule, top, min_area, bottom, label_threshold)))
+
+
+@app.command()
+@one_line_errors
 def bench(
     out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Small settings: under 3 minutes on 2 cores.")] = False,
