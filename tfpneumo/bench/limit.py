@@ -80,8 +80,7 @@ def bench_limit(ctx: Context, *, n: int | None = None, repeats: int | None = Non
     quiet_tensorflow()
     import keras
 
-    from tfpneumo.bench.synthetic import base_model_config
-    from tfpneumo.bench.train import REFERENCE_OVERRIDES
+    from tfpneumo.bench.synthetic import REFERENCE_OVERRIDES, base_model_config
     from tfpneumo.config import load_config
     from tfpneumo.models.unet import build_model
 
