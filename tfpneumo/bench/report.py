@@ -100,7 +100,7 @@ def rows_peer_comparison(items: list[dict]) -> list[Row]:
 
 def limit_shares(sections: dict) -> list[dict]:
     """Achieved FLOP/s (images/s x FLOPs per image) of the train and inference rows of this
-    run (ours, and the peer's counted with our network's FLOPs) as a share of the matmul peak
+    run (ours, and the peer's counted with our network's FLOPs) as a share of the peak
     of their precision (bfloat16 for mixed_bfloat16, else float32)."""
     entry = sections.get("limit", {})
     if entry.get("status") != "ok":
@@ -144,7 +144,7 @@ def limit_shares(sections: dict) -> list[dict]:
 
 def rows_limit_shares(items: list[dict]) -> list[Row]:
     return [Row(f"{s['kind']} {s['who']} {s['setting']}", f"{100 * s['share']:.1f}%",
-                f"{s['flop_s'] / 1e9:.1f} GFLOP/s of the {s['peak_dtype']} matmul peak "
+                f"{s['flop_s'] / 1e9:.1f} GFLOP/s of the {s['peak_dtype']} peak "
                 f"({s['img_per_s']:.2f} img/s)") for s in items]
 
 
