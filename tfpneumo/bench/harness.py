@@ -14,11 +14,17 @@ NAME``), so its peak resident memory is its own and no TensorFlow state carries 
   process): precision, XLA, batch size, against the PyTorch reference.
 * ``inference``: :func:`tfpneumo.inference.ensemble_predictor` as ``tfpneumo submit`` uses it,
   at 1024 with horizontal-flip TTA, and at 256 px batch 4 (the training parity setting).
+* ``peer``: segmentation_models.pytorch's ``Unet("resnet34")`` trained and run at the train
+  and inference sections' settings (the ``peer`` extra; skipped without it).
+* ``limit``: the float32 / bfloat16 matmul peak and the network's FLOPs per image (TF's cost
+  analysis), which turn the train and inference rates into shares of the peak.
 * ``threshold``: the rule search of ``tfpneumo evaluate``, 12,000 images x >= 1,000 triplets.
 
 Then the ratio of the input-pipeline rate to the training-step rate at the same image size
 says whether the network would wait for its input on this machine
-(:func:`tfpneumo.bench.report.starvation`).
+(:func:`tfpneumo.bench.report.starvation`); ours / the peer's rate at the same setting
+(:func:`tfpneumo.bench.report.peer_comparison`); the FLOP/s reached as a share of the peak
+(:func:`tfpneumo.bench.report.limit_shares`).
 
 Adding a section: a module ``tfpneumo/bench/<name>.py`` with ``bench_<name>(ctx, **params) ->
 dict`` (runs in the child process; JSON-able; return ``{"skipped": reason}`` to skip) and
@@ -49,6 +55,13 @@ from typing import TextIO
 from tfpneumo.errors import TfpneumoError
 
 SECTION_TIMEOUT_S = {True: 900.0, False: 4 * 3600.0}  # per section process, by quick
+
+# Settings shared by our sections and the peer's, by quick: train (size, batch); inference
+# (size, batch, hflip, batches_per_window, windows).
+TRAIN_CASES = {True: ((256, 4),), False: ((256, 4), (256, 8), (512, 4))}
+INFERENCE_CASES = {True: ((1024, 2, True, 1, 2), (256, 4, False, 2, 3)),
+                   False: ((1024, 2, True, 2, 3), (1024, 2, False, 2, 3), (256, 4, False, 5, 3),
+                           (256, 4, True, 5, 3))}
 
 
 class BenchError(TfpneumoError):

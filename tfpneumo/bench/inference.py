@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tfpneumo.bench.harness import Context, Row, device_name, error_line, progress, rate, span, spread
+from tfpneumo.bench.harness import INFERENCE_CASES, Context, Row, device_name, error_line, progress, rate, span, spread
 from tfpneumo.bench.synthetic import base_model_config
 
 
@@ -30,9 +30,7 @@ def bench_inference(ctx: Context, *, cases: Sequence[Sequence] | None = None, se
     from tfpneumo.models.unet import build_model
 
     if cases is None:
-        cases = ([(1024, 2, True, 1, 2), (256, 4, False, 2, 3)] if ctx.quick else
-                 [(1024, 2, True, 2, 3), (1024, 2, False, 2, 3), (256, 4, False, 5, 3),
-                  (256, 4, True, 5, 3)])
+        cases = INFERENCE_CASES[ctx.quick]
     keras.utils.set_random_seed(seed)
     net = build_model(base_model_config(Config()))
     rng = np.random.default_rng(seed)

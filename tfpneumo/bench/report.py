@@ -55,6 +55,99 @@ def starvation(sections: dict) -> list[dict]:
     return out
 
 
+def peer_comparison(sections: dict) -> list[dict]:
+    """Ours / the peer's images/s at each setting both measured in this run.
+
+    Train: each peer row (float32) against our rows at its size and batch (the reference
+    layout first, the one the peer implements; then the base layout, float32 and mixed);
+    inference: against our row of the same size, batch and TTA.
+    """
+    entry = sections.get("peer", {})
+    if entry.get("status") != "ok":
+        return []
+    out = []
+    for p in entry["result"].get("train", []):
+        if "error" in p:
+            continue
+        ours = [r for r in _ok_rows(sections, "train")
+                if (r["size"], r["batch"]) == (p["size"], p["batch"]) and not r["xla"]]
+        ours.sort(key=lambda r: (r.get("layout", "base") != "reference", r["precision"] != "float32"))
+        for r in ours:
+            out.append({"kind": "train", "size": p["size"], "batch": p["batch"],
+                        "ours_setting": f"{r.get('layout', 'base')} layout, {r['precision']}",
+                        "ours": r["img_per_s"]["median"], "peer": p["img_per_s"]["median"],
+                        "peer_setting": f"float32, {p['best']}",
+                        "ratio": r["img_per_s"]["median"] / p["img_per_s"]["median"]})
+    for p in entry["result"].get("inference", []):
+        if "error" in p:
+            continue
+        for r in _ok_rows(sections, "inference"):
+            if (r["size"], r["batch"], r["hflip"]) == (p["size"], p["batch"], p["hflip"]):
+                out.append({"kind": "inference", "size": p["size"], "batch": p["batch"],
+                            "ours_setting": "hflip TTA" if p["hflip"] else "no TTA",
+                            "ours": r["img_per_s"]["median"], "peer": p["img_per_s"]["median"],
+                            "peer_setting": f"float32, {p['best']}",
+                            "ratio": r["img_per_s"]["median"] / p["img_per_s"]["median"]})
+    return out
+
+
+def rows_peer_comparison(items: list[dict]) -> list[Row]:
+    return [Row(f"{c['kind']} {c['size']} px x{c['batch']}, ours {c['ours_setting']}",
+                f"{c['ratio']:.2f}x",
+                f"ours {c['ours']:.2f} img/s / peer {c['peer']:.2f} img/s ({c['peer_setting']}), "
+                f"both from this run") for c in items]
+
+
+def limit_shares(sections: dict) -> list[dict]:
+    """Achieved FLOP/s (images/s x FLOPs per image) of the train and inference rows of this
+    run (ours, and the peer's counted with our network's FLOPs) as a share of the peak
+    of their precision (bfloat16 for mixed_bfloat16, else float32)."""
+    entry = sections.get("limit", {})
+    if entry.get("status") != "ok":
+        return []
+    lim = entry["result"]
+    peaks = {k: v for k, v in lim["peak_flop_s"].items() if not isinstance(v, dict)}
+    train_f, infer_f = lim["train_flops_per_image"], lim["infer_flops_per_image"]
+    peer = sections.get("peer", {})
+    peer_rows = peer.get("result", {}) if peer.get("status") == "ok" else {}
+    out = []
+
+    def add(kind: str, who: str, setting: str, img_s: float, flops: float | None, dtype: str):
+        if flops is None or dtype not in peaks:
+            return
+        out.append({"kind": kind, "who": who, "setting": setting, "img_per_s": img_s,
+                    "flop_s": img_s * flops, "peak_dtype": dtype,
+                    "share": img_s * flops / peaks[dtype]})
+
+    for r in _ok_rows(sections, "train"):
+        layout = r.get("layout", "base")
+        add("train", "ours", f"{r['size']}x{r['batch']} {layout} {r['precision']} "
+            f"XLA {'on' if r['xla'] else 'off'}", r["img_per_s"]["median"],
+            train_f.get(f"{layout}/{r['size']}"),
+            "bfloat16" if "bfloat16" in r["precision"] else "float32")
+    for r in _ok_rows(sections, "inference"):
+        f = infer_f.get(str(r["size"]))
+        add("inference", "ours", f"{r['size']}x{r['batch']} {'hflip' if r['hflip'] else 'no TTA'}",
+            r["img_per_s"]["median"], f and f * (2 if r["hflip"] else 1), "float32")
+    for r in peer_rows.get("train", []):
+        if "error" not in r:
+            add("train", "peer", f"{r['size']}x{r['batch']} float32 {r['best']}",
+                r["img_per_s"]["median"], train_f.get(f"reference/{r['size']}"), "float32")
+    for r in peer_rows.get("inference", []):
+        f = infer_f.get(str(r["size"]))
+        if "error" not in r:
+            add("inference", "peer", f"{r['size']}x{r['batch']} "
+                f"{'hflip' if r['hflip'] else 'no TTA'} {r['best']}",
+                r["img_per_s"]["median"], f and f * (2 if r["hflip"] else 1), "float32")
+    return out
+
+
+def rows_limit_shares(items: list[dict]) -> list[Row]:
+    return [Row(f"{s['kind']} {s['who']} {s['setting']}", f"{100 * s['share']:.1f}%",
+                f"{s['flop_s'] / 1e9:.1f} GFLOP/s of the {s['peak_dtype']} peak "
+                f"({s['img_per_s']:.2f} img/s)") for s in items]
+
+
 def _ok_rows(sections: dict, name: str) -> list[dict]:
     entry = sections.get(name, {})
     if entry.get("status") != "ok":
@@ -113,6 +206,10 @@ def render_table(report: dict) -> str:
     for i, row in enumerate(rows_starvation(report.get("starvation", []), report["sections"])
                             if compared else []):
         lines.append(("starved?" if i == 0 else "", row.setting, row.figure, "", row.note))
+    for label, rows in (("ours/peer", rows_peer_comparison(report.get("peer_comparison", []))),
+                        ("of peak", rows_limit_shares(report.get("limit_shares", [])))):
+        for i, row in enumerate(rows):
+            lines.append((label if i == 0 else "", row.setting, row.figure, "", row.note))
     titles = ("section", "setting", "result", "peak MB", "notes")
     widths = [max(len(t), *(len(line[k]) for line in lines)) if lines else len(t)
               for k, t in enumerate(titles[:4])]
@@ -152,7 +249,8 @@ def run_bench(out: Path | None, quick: bool, siim_mini: Path | None = None,
     Returns:
         ``{"machine", "quick", "wall_s", "sections": {name: {"status", "result" | "error" |
         "reason", "seconds", "peak_rss_mb", "children_peak_rss_mb", ...}}, "starvation",
-        "table"}``; memory in MB (VmHWM of the section's process and of its largest child).
+        "peer_comparison", "limit_shares", "table"}``; memory in MB (VmHWM of the section's
+        process and of its largest child).
     """
     names = list(sections or SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
@@ -184,6 +282,8 @@ def run_bench(out: Path | None, quick: bool, siim_mini: Path | None = None,
     report["machine"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["machine"]["device"] = _machine_device(report["sections"])
     report["starvation"] = starvation(report["sections"])
+    report["peer_comparison"] = peer_comparison(report["sections"])
+    report["limit_shares"] = limit_shares(report["sections"])
     report["table"] = render_table(report)
     print(report["table"], flush=True)
     if out is not None:

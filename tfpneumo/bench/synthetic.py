@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 POSITIVE_RATE = 0.25  # with seed 0: 3 of the first 8 images, enough for 2 folds of each class
 FOLDS = 2  # the least prepare allows; the sections read every fold (fold -1)
 MIN_DICOM_SIZE = 64  # the least synthesize draws
@@ -52,3 +54,21 @@ def base_model_config(cfg):
     import dataclasses
 
     return dataclasses.replace(cfg.model, encoder_weights="none")
+
+
+# The PyTorch reference's layout (GUIDE.md): UNet-ResNet34 without attention or skip dropout,
+# BCE on the mask of every image and on the label, AdamW.
+REFERENCE_OVERRIDES = ["model.attention=none", "model.skip_dropout=0", "loss.mask=bce",
+                       "loss.mask_positives_only=false"]
+
+
+def random_batch(size: int, batch: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """``(x, y)``: x ``(B, S, S, 1) float32`` grey pixels in [0, 255] (what the model takes),
+    y with ``mask (B, S, S, 1)`` rectangles on every other image and ``label (B, 1)``."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(batch, size, size, 1)).astype(np.float32)
+    mask = np.zeros((batch, size, size, 1), np.float32)
+    for i in range(0, batch, 2):
+        top, left = rng.integers(0, size // 2, 2)
+        mask[i, top:top + size // 4, left:left + size // 6] = 1.0
+    return x, {"mask": mask, "label": mask.max(axis=(1, 2))}

@@ -11,6 +11,7 @@ import numpy as np
 
 from tfpneumo.bench.harness import (
     SECTION_TIMEOUT_S,
+    TRAIN_CASES,
     Context,
     Row,
     device_name,
@@ -21,23 +22,10 @@ from tfpneumo.bench.harness import (
     span,
     spread,
 )
-from tfpneumo.bench.synthetic import base_model_config
+from tfpneumo.bench.synthetic import REFERENCE_OVERRIDES, base_model_config, random_batch
 
-PYTORCH_REFERENCE = {"size": 256, "batch": 4, "precision": "float32", "img_per_s": 3.8,
-                     "text": "PyTorch UNet-ResNet34 ~3.8 img/s here (GUIDE.md), same layout"}
-TRAIN_FULL_CASES = ((256, 4), (256, 8), (512, 4))
-
-
-def random_batch(size: int, batch: int, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """``(x, y)``: x ``(B, S, S, 1) float32`` grey pixels in [0, 255] (what the model takes),
-    y with ``mask (B, S, S, 1)`` rectangles on every other image and ``label (B, 1)``."""
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(batch, size, size, 1)).astype(np.float32)
-    mask = np.zeros((batch, size, size, 1), np.float32)
-    for i in range(0, batch, 2):
-        top, left = rng.integers(0, size // 2, 2)
-        mask[i, top:top + size // 4, left:left + size // 6] = 1.0
-    return x, {"mask": mask, "label": mask.max(axis=(1, 2))}
+# The PyTorch reference's setting, always timed: the peer section runs that network beside it.
+REFERENCE_SETTING = (256, 4, "reference", "float32", False)
 
 
 def resolve_precision(precision: str, gpu: bool) -> str:
@@ -45,12 +33,6 @@ def resolve_precision(precision: str, gpu: bool) -> str:
     if precision == "mixed":
         return "mixed_float16" if gpu else "mixed_bfloat16"
     return precision
-
-
-# The PyTorch reference's layout (GUIDE.md): UNet-ResNet34 without attention or skip dropout,
-# BCE on the mask of every image and on the label, AdamW.
-REFERENCE_OVERRIDES = ["model.attention=none", "model.skip_dropout=0", "loss.mask=bce",
-                       "loss.mask_positives_only=false"]
 
 
 def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
@@ -131,16 +113,15 @@ def bench_train(ctx: Context, *, cases: Sequence[Sequence[int]] | None = None,
     own process, plus the PyTorch reference's setting (256x4, reference layout, float32).
     Quick: 256x4 base layout float32 and mixed (bf16 on CPU), XLA off, 3 windows of ~2 s.
     Full: 256x4, 256x8, 512x4 x float32/mixed x XLA off/on, 5 windows of ~10 s."""
-    cases = [tuple(c) for c in cases] if cases else ([(256, 4)] if ctx.quick else list(TRAIN_FULL_CASES))
+    cases = [tuple(c) for c in (cases or TRAIN_CASES[ctx.quick])]
     precisions = list(precisions or ("float32", "mixed"))
     xla = [bool(x) for x in xla] if xla is not None else ([False] if ctx.quick else [False, True])
     seconds = seconds or (2.0 if ctx.quick else 10.0)
     windows = windows or (3 if ctx.quick else 5)
     settings = [(size, batch, layout, precision, jit) for size, batch in cases
                 for layout in (layouts or ("base",)) for precision in precisions for jit in xla]
-    ref = (PYTORCH_REFERENCE["size"], PYTORCH_REFERENCE["batch"], "reference", "float32", False)
-    if layouts is None and ref not in settings:
-        settings.insert(0, ref)
+    if layouts is None and REFERENCE_SETTING not in settings:
+        settings.insert(0, REFERENCE_SETTING)
     rows = []
     for size, batch, layout, precision, jit in settings:
         spec = {"size": size, "batch": batch, "precision": precision, "xla": jit,
@@ -153,12 +134,11 @@ def bench_train(ctx: Context, *, cases: Sequence[Sequence[int]] | None = None,
                 else f"failed: {row['error']}")
         progress(f"train {size}x{batch} {layout} {row['precision']} XLA {'on' if jit else 'off'}: "
                  f"{done}")
-    return {"rows": rows, "reference": PYTORCH_REFERENCE,
+    return {"rows": rows,
             "device": next((r["device"] for r in rows if "device" in r), None)}
 
 
 def rows_train(result: dict) -> list[Row]:
-    ref = result.get("reference", PYTORCH_REFERENCE)
     out = []
     for r in result["rows"]:
         layout = r.get("layout", "base")
@@ -169,9 +149,6 @@ def rows_train(result: dict) -> list[Row]:
             continue
         s, per_cpu = r["img_per_s"], r["img_per_cpu_s"]
         note = (f"{per_cpu:.2f} img/CPU-s; " if per_cpu else "") + f"compile {r['compile_s']:.0f} s"
-        if (r["size"], r["batch"], layout, r["precision"]) == (ref["size"], ref["batch"], "reference",
-                                                                ref["precision"]):
-            note += f"; {s['median'] / ref['img_per_s']:.2f}x the ref: {ref['text']}"
         out.append(Row(setting, f"{s['median']:.2f} img/s{span(s, '.2f')}", note,
                        r.get("peak_rss_mb")))
     return out
