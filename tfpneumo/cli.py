@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -99,10 +100,19 @@ def train(
     config: ConfigOpt = None,
     fold: Annotated[str, typer.Option(help="Validation fold: an index, a list 0,2 or all (in turn).")] = "0",
     set_: SetOpt = None,
+    workers: Annotated[str | None, typer.Option(
+        help="Train on several machines: host:port of every worker, the same list on each "
+             "(worker 0 is the chief and writes the run folder). Sets TF_CONFIG.")] = None,
+    worker_index: Annotated[int | None, typer.Option(
+        help="This machine's place in --workers (0, 1, ...).")] = None,
 ) -> None:
     """Train a fold (resumable) into runs/<experiment>/fold_<k>/."""
     folds = grammar.parse_folds(fold, "--fold")
     cfg = load_config(config, set_ or [])
+    if workers is not None:
+        os.environ["TF_CONFIG"] = grammar.parse_workers(workers, worker_index)
+    elif worker_index is not None:
+        raise TfpneumoError("--worker-index needs --workers (the list of host:port)")
     quiet_tensorflow()
     from tfpneumo.training.run import train as train_folds
 
