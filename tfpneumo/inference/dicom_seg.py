@@ -16,10 +16,14 @@ case in point):
   position or orientation: it is tied to the source pixel for pixel through its Derivation
   Image Sequence (Spatial Locations Preserved YES), as the Segmentation IOD allows. A source
   FrameOfReferenceUID is copied.
-- Pixel spacing: the source's PixelSpacing becomes the SEG's Pixel Measures. Without one, the
-  SEG has no Pixel Measures (allowed): ImagerPixelSpacing is measured at the detector, not
-  in the patient (it differs by the geometric magnification), so it is not passed off as
-  pixel spacing in the patient.
+- Pixel spacing: a SEG of an image without patient coordinates (no ImagePositionPatient: every
+  projection radiograph) has no Pixel Measures. Its pixels are the source's pixels, so the
+  spacing is the source's PixelSpacing (SIIM: 0.139 to 0.168 mm), read from the source. Why
+  not copy it: there Pixel Measures would hold PixelSpacing without SliceThickness (a
+  projection has none), which the standard allows but highdicom 0.28's reader refuses
+  (``segread`` raises), and highdicom's design for such sources (its PR #183, discussed with
+  D. Clunie) left Pixel Measures out. ImagerPixelSpacing is never used: it is measured at the
+  detector, not in the patient (it differs by the geometric magnification).
 - UIDs: a missing or invalid StudyInstanceUID or SeriesInstanceUID is replaced by a UID
   derived from the source's SOP Instance UID (every SEG of one image lands in the same
   study). An invalid SOPInstanceUID (SIIM stage-2 test files: ``ID_004d6fbb6``) is replaced by
@@ -151,6 +155,8 @@ def _referencable(path: Path, ds: Any) -> SegSource:
         setattr(ds, keyword, _derived_uid(keyword, sop))
     if derived:
         notes.append(f"no valid {' or '.join(derived)}: derived from the SOP Instance UID")
+    if "ImagePositionPatient" not in ds and "PixelSpacing" in ds:
+        del ds.PixelSpacing  # no Pixel Measures without patient coordinates (module docstring)
     if "PatientAge" in ds:
         age = _age_string(ds.PatientAge)
         if age is None:
@@ -167,6 +173,12 @@ class Algorithm:
 
     version: str
     parameters: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        # stored as "k=v,k=v" (highdicom's encoding, which it splits back on "," and "=")
+        bad = [k for k, v in self.parameters.items() if {",", "="} & set(f"{k}{v}")]
+        if bad:
+            raise ValueError(f"algorithm parameter {bad[0]}: no ',' or '=' allowed")
 
 
 def build_seg(source: SegSource, pixels: np.ndarray, algorithm: Algorithm,

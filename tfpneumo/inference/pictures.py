@@ -126,21 +126,23 @@ def _save_probs(prob: np.ndarray, label_prob: float, path: Path) -> None:
 
 
 def _algorithm(cfg: Config, ensemble, decision, seg_type: str):
-    """What the SEG records of how it was made (Algorithm Identification parameters)."""
+    """What the SEG records of how it was made (Algorithm Identification parameters). The
+    stored text is ``key=value,key=value``: lists are joined by spaces, no value holds a comma
+    or an equals sign."""
     import tfpneumo
     from tfpneumo.inference.dicom_seg import Algorithm
 
-    tta = ("hflip" if ensemble.hflip else "no flip") + (
-        f", scales {','.join(f'{s:g}' for s in ensemble.scales)}" if ensemble.scales != (1.0,)
-        else "")
+    rule = {f"rule_{k}" if k != "rule" else "rule": f"{v:g}" if isinstance(v, float) else str(v)
+            for k, v in decision.to_json().items() if v is not None}
     return Algorithm(tfpneumo.__version__, {
         "run": cfg.experiment,
-        "folds": ",".join(str(runs.fold_of(f)) for f in ensemble.files),
-        "weights": ",".join(f"{f.parent.name}/{f.name}" for f in ensemble.files),
-        "rule": decision.describe(),
+        "folds": " ".join(str(runs.fold_of(f)) for f in ensemble.files),
+        "weights": " ".join(f"{f.parent.name}/{f.name}" for f in ensemble.files),
+        **rule,
         "size": str(ensemble.size),
-        "tta": tta,
-        "content": "mask under the rule" if seg_type == "binary" else "probability, before the rule",
+        "hflip": "yes" if ensemble.hflip else "no",
+        "scales": " ".join(f"{s:g}" for s in ensemble.scales),
+        "content": "mask under the rule" if seg_type == "binary" else "probability before the rule",
     })
 
 
