@@ -32,7 +32,7 @@ def gradcam_model(net, feature_layer: str = FEATURE_LAYER, label_layer: str = LA
     import keras
 
     logit = net.get_layer(label_layer).input
-    return keras.Model(net.inputs, [net.get_layer(feature_layer).output, logit])
+    return keras.Model(net.input, [net.get_layer(feature_layer).output, logit])
 
 
 def grad_cam(cam_model, images: np.ndarray) -> np.ndarray:
