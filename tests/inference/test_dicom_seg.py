@@ -281,3 +281,29 @@ def test_cli_bad_format_options_are_one_line(siim_mini, tmp_path, args, needle):
     assert result.output.strip().splitlines() == [f"error: {needle}"]
     assert not (tmp_path / "pred").exists()
 
+
+
+def test_a_full_disk_leaves_no_partial_seg_or_npz(siim_mini, tmp_path, monkeypatch):
+    """The SEG and the npz are written like the PNGs: whole under their names or not at all,
+    and ENOSPC is one line naming the file."""
+    import errno
+    import pathlib
+
+    cfg = make_run(tmp_path)
+    path = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[0]
+    out = tmp_path / "pred"
+    real = pathlib.Path.write_bytes
+
+    def disk_fills_up(self, data):
+        if self.name.endswith("_seg.dcm.tmp"):
+            real(self, data[:100])  # what reached the disk before it filled up
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", disk_fills_up)
+    with pytest.raises(TfpneumoError) as e:
+        predict(cfg, [path], out=out, rule=RULE, size=SIZE, hflip=False, workdir=tmp_path,
+                formats=["dicom-seg"], save_probs=True)
+    assert str(e.value) == (f"{out / path.stem}_seg.dcm: cannot write (No space left on "
+                            "device); free space and rerun")
+    assert list(out.iterdir()) == []  # the SEG comes before the npz; nothing else was begun
