@@ -224,7 +224,7 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSp
         area = int(mask.sum())
         lines.append(f"{p.image_id}: p={p.label_prob:.3f}, mask {area} px "
                      f"({100.0 * area / mask.size:.2f}%)" + "".join(f"; {n}" for n in notes))
-    lines.append(f"wrote {written} files to {out} for {len(items)} image(s) "
+    lines.append(f"wrote {written} file{'' if written == 1 else 's'} to {out} for {len(items)} image(s) "
                  f"({', '.join(formats)}{', probabilities' if save_probs else ''}"
                  f"{', Grad-CAM' if explain else ''}); "
                  f"{ensemble.describe()}; thresholds {decision.describe()} ({source}); "
