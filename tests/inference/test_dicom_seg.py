@@ -307,3 +307,30 @@ def test_a_full_disk_leaves_no_partial_seg_or_npz(siim_mini, tmp_path, monkeypat
     assert str(e.value) == (f"{out / path.stem}_seg.dcm: cannot write (No space left on "
                             "device); free space and rerun")
     assert list(out.iterdir()) == []  # the SEG comes before the npz; nothing else was begun
+
+
+def test_a_source_without_any_valid_instance_uid_gets_one_from_its_bytes(siim_mini, tmp_path):
+    """Neither SOPInstanceUID nor the file meta's is a UID: the reference is a UID derived
+    from the file's bytes, the same on every read; PatientAge takes the AS form or goes."""
+    import pydicom
+    import pydicom.config
+
+    from tfpneumo.inference.dicom_seg import seg_source
+
+    ds = pydicom.dcmread(sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[0])
+    path = tmp_path / "anonymised.dcm"
+    with pydicom.config.disable_value_validation():  # the invalid values are the point
+        ds.file_meta.MediaStorageSOPInstanceUID = "ID_not_a_uid"
+        ds.PatientAge = "18 M"
+        ds.save_as(path)
+    first, second = seg_source(path), seg_source(path)
+    uid = first.dataset.SOPInstanceUID
+    assert pydicom.uid.UID(uid).is_valid and uid == second.dataset.SOPInstanceUID
+    assert first.notes[0] == "no valid SOPInstanceUID: one derived from the file is referenced"
+    assert first.dataset.PatientAge == "018M"
+    with pydicom.config.disable_value_validation():
+        ds.PatientAge = "about sixty"
+        ds.save_as(path)
+    changed = seg_source(path)
+    assert "PatientAge" not in changed.dataset
+    assert changed.dataset.SOPInstanceUID != uid  # other bytes, another UID
