@@ -27,7 +27,8 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,68 @@ def _algorithm(cfg: Config, ensemble, decision, seg_type: str):
     })
 
 
+@dataclass
+class _Writer:
+    """The files of one image in ``out`` (the module docstring), each through :func:`_save`."""
+
+    out: Path
+    formats: tuple[str, ...]
+    seg_type: str = "binary"
+    save_probs: bool = False
+    sources: dict[str, Any] = field(default_factory=dict)  # id -> dicom_seg.SegSource
+    algorithm: Any = None  # dicom_seg.Algorithm, for dicom-seg
+    cam: Callable[[np.ndarray], np.ndarray] | None = None  # original -> Grad-CAM map
+
+    def check_seg_sources(self) -> None:
+        """Builds (and drops) an empty SEG of every source: a header highdicom refuses fails
+        here, naming the file, before anything is written (~60 ms an image)."""
+        from tfpneumo.inference.dicom_seg import build_seg
+
+        for source in self.sources.values():
+            build_seg(source, np.zeros(source.shape, bool), self.algorithm)
+
+    def write(self, image_id: str, original: np.ndarray, full: np.ndarray, mask: np.ndarray,
+              label_prob: float) -> int:
+        """Writes the outputs of one image; returns how many files. ``original`` (H, W)
+        uint8, ``full`` (H, W) float32 probability, ``mask`` (H, W) bool."""
+        stem, written = self.out / image_id, 0
+        if "png" in self.formats:
+            _save_png(np.clip(np.rint(full * 255.0), 0, 255).astype(np.uint8),
+                      Path(f"{stem}_prob.png"))
+            _save_png(mask.astype(np.uint8) * 255, Path(f"{stem}_mask.png"))
+            _save_png(overlay(original, mask, label_prob), Path(f"{stem}_overlay.png"))
+            written += 3
+        if "dicom-seg" in self.formats:
+            from tfpneumo.inference.dicom_seg import build_seg, seg_bytes
+
+            pixels = mask if self.seg_type == "binary" else full
+            seg = build_seg(self.sources[image_id], pixels, self.algorithm, self.seg_type)
+            _save(Path(f"{stem}_seg.dcm"), seg_bytes(seg))
+            written += 1
+        if self.save_probs:
+            _save_probs(full, label_prob, Path(f"{stem}_prob.npz"))
+            written += 1
+        if self.cam is not None:
+            from tfpneumo.inference.gradcam import heat_overlay
+
+            _save_png(heat_overlay(original, self.cam(original), label_prob),
+                      Path(f"{stem}_gradcam.png"))
+            written += 1
+        return written
+
+
+def _grad_cam_of(ensemble) -> Callable[[np.ndarray], np.ndarray]:
+    """original (H, W) uint8 -> (H, W) Grad-CAM map of the ensemble, with its TTA."""
+    from tfpneumo.data.preprocess import network_image
+    from tfpneumo.inference.gradcam import explain, gradcam_model
+
+    models = [gradcam_model(net) for net in ensemble.nets]
+    return lambda original: explain(models, network_image(original, ensemble.size,
+                                                          ensemble.clahe),
+                                    original.shape, hflip=ensemble.hflip,
+                                    scales=ensemble.scales)
+
+
 def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSpec = "all",
             weights: str = "auto", rule: dict[str, Any] | None = None,
             size: int = 1024, batch_size: int | None = None, hflip: bool = True,
@@ -164,69 +227,37 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSp
     if not files:
         raise TfpneumoError("no DICOM files given")
     check_options(size, batch_size, scales)
-    formats = check_formats(formats, seg_type)
+    writer = _Writer(Path(out), check_formats(formats, seg_type), seg_type, save_probs)
     items = dicom_items(files, cfg.data.max_dicom_mib)
-    sources = {}
-    if "dicom-seg" in formats:
+    if "dicom-seg" in writer.formats:
         from tfpneumo.inference.dicom_seg import seg_source
 
-        sources = {image_id: seg_source(path, cfg.data.max_dicom_mib) for image_id, path in items}
+        writer.sources = {image_id: seg_source(path, cfg.data.max_dicom_mib)
+                          for image_id, path in items}
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
                          hflip=hflip, scales=scales, workdir=workdir)
-    algorithm = _algorithm(cfg, ensemble, decision, seg_type) if sources else None
-    if sources:  # a header highdicom refuses fails here, before anything is written
-        from tfpneumo.inference.dicom_seg import build_seg
-
-        for seg_src in sources.values():
-            build_seg(seg_src, np.zeros(seg_src.shape, bool), algorithm)
-    cam_models = []
+    if writer.sources:
+        writer.algorithm = _algorithm(cfg, ensemble, decision, seg_type)
+        writer.check_seg_sources()
     if explain:
-        from tfpneumo.inference.gradcam import gradcam_model
-
-        cam_models = [gradcam_model(net) for net in ensemble.nets]
-    out = Path(out)
+        writer.cam = _grad_cam_of(ensemble)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        writer.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise TfpneumoError(f"{out}: cannot create folder ({e.strerror or e})") from e
+        raise TfpneumoError(f"{writer.out}: cannot create folder ({e.strerror or e})") from e
     lines, written = [], 0
     for p in ensemble.predict(items):
-        full = resize_prob(p.prob, p.original.shape)
         mask = decision.mask(p.prob, p.label_prob, p.original.shape)
-        notes = []
-        if "png" in formats:
-            _save_png(np.clip(np.rint(full * 255.0), 0, 255).astype(np.uint8),
-                      out / f"{p.image_id}_prob.png")
-            _save_png(mask.astype(np.uint8) * 255, out / f"{p.image_id}_mask.png")
-            _save_png(overlay(p.original, mask, p.label_prob), out / f"{p.image_id}_overlay.png")
-            written += 3
-        if "dicom-seg" in formats:
-            from tfpneumo.inference.dicom_seg import build_seg, seg_bytes
-
-            seg_src = sources[p.image_id]
-            seg = build_seg(seg_src, mask if seg_type == "binary" else full, algorithm, seg_type)
-            _save(out / f"{p.image_id}_seg.dcm", seg_bytes(seg))
-            notes += seg_src.notes
-            written += 1
-        if save_probs:
-            _save_probs(full, p.label_prob, out / f"{p.image_id}_prob.npz")
-            written += 1
-        if explain:
-            from tfpneumo.data.preprocess import network_image
-            from tfpneumo.inference.gradcam import explain as grad_cam_map
-            from tfpneumo.inference.gradcam import heat_overlay
-
-            cam = grad_cam_map(cam_models, network_image(p.original, size, ensemble.clahe),
-                               p.original.shape, hflip=hflip, scales=ensemble.scales)
-            _save_png(heat_overlay(p.original, cam, p.label_prob), out / f"{p.image_id}_gradcam.png")
-            written += 1
+        written += writer.write(p.image_id, p.original, resize_prob(p.prob, p.original.shape),
+                                mask, p.label_prob)
+        notes = writer.sources[p.image_id].notes if writer.sources else []
         area = int(mask.sum())
         lines.append(f"{p.image_id}: p={p.label_prob:.3f}, mask {area} px "
                      f"({100.0 * area / mask.size:.2f}%)" + "".join(f"; {n}" for n in notes))
-    lines.append(f"wrote {written} file{'' if written == 1 else 's'} to {out} for {len(items)} image(s) "
-                 f"({', '.join(formats)}{', probabilities' if save_probs else ''}"
-                 f"{', Grad-CAM' if explain else ''}); "
+    extras = ", probabilities" * save_probs + ", Grad-CAM" * explain
+    lines.append(f"wrote {written} file{'' if written == 1 else 's'} to {writer.out} for "
+                 f"{len(items)} image(s) ({', '.join(writer.formats)}{extras}); "
                  f"{ensemble.describe()}; thresholds {decision.describe()} ({source}); "
                  f"{time.perf_counter() - start:.1f} s")
     return "\n".join(lines)
