@@ -194,21 +194,32 @@ def submit(
 @one_line_errors
 def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM files.")],
-    out: Annotated[Path, typer.Option(help="Folder for the probability, mask and overlay PNGs.")],
+    out: Annotated[Path, typer.Option(help="Folder for the outputs (<id>_mask.png, <id>_seg.dcm, ...).")],
     config: ConfigOpt = None,
     folds: FoldsOpt = "all", weights: WeightsOpt = "auto", size: SizeOpt = 1024,
     rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
     label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
+    fmt: Annotated[str, typer.Option("--format", help="png (probability, mask and overlay PNGs) | "
+                                     "dicom-seg (one DICOM Segmentation per image) | "
+                                     "png,dicom-seg.")] = "png",
+    seg_type: Annotated[str, typer.Option(help="binary (the mask) | fractional (the probability) "
+                                          "for --format dicom-seg.")] = "binary",
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also <id>_prob.npz: the "
+                                             "probability map, float16, compressed.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Also <id>_gradcam.png: Grad-CAM of "
+                                          "the classification head on the image.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Probability, mask and overlay PNGs for each DICOM."""
+    """Probability, mask and overlay PNGs (or DICOM SEG files) for each DICOM."""
     quiet_tensorflow()
     from tfpneumo.inference.pictures import predict as run_predict
 
     cfg = load_config(config, set_ or [])
     typer.echo(run_predict(cfg, files, out=out, folds=grammar.parse_folds(folds), weights=weights,
                            size=size, hflip=hflip, scales=grammar.parse_scales(scales),
-                           rule=_rule(rule, top, min_area, bottom, label_threshold)))
+                           rule=_rule(rule, top, min_area, bottom, label_threshold),
+                           formats=fmt.split(","), seg_type=seg_type, save_probs=save_probs,
+                           explain=explain))
 
 
 @app.command()
