@@ -27,23 +27,30 @@ N_TEST = 6
 OFF = {"hflip": 0.0, "color_p": 0.0, "affine_p": 0.0}
 
 
-def make_image(index: int, fold: int, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+def make_image(index: int, fold: int, positive: bool,
+               texture: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Background 60; row 0 holds the index (base 256) at cols 0-1; pixel (63, 0) = 100 + fold;
-    pixel (63, 63) = 128 in every image; positives get a 240 rectangle = the mask."""
+    pixel (63, 63) = 128 in every image; positives get a 240 rectangle = the mask.
+
+    ``texture``: grain (sd 20, seeded by the index) on every pixel but those: flat images make
+    BatchNorm variances E[x^2] - E[x]^2 of nearly equal numbers, which float32 gets wrong."""
     image = np.full((SIZE, SIZE), 60, np.uint8)
+    if texture:
+        grain = np.random.default_rng(index).normal(0.0, 20.0, (SIZE, SIZE))
+        image = np.clip(np.rint(60.0 + grain), 0, 200).astype(np.uint8)
     image[0, 0], image[0, 1] = index // 256, index % 256
     image[SIZE - 1, 0] = 100 + fold
     image[SIZE - 1, SIZE - 1] = 128
     mask = np.zeros((SIZE, SIZE), np.uint8)
     if positive:
         y, x = 8 + index % 20, 6 + (3 * index) % 20
-        image[y:y + 20, x:x + 16] = 240
+        image[y:y + 20, x:x + 16] = image[y:y + 20, x:x + 16] // 4 + 190 if texture else 240
         mask[y:y + 20, x:x + 16] = 1
     return image, mask
 
 
 def write_shards(cache: Path, groups: dict[tuple[int, bool], int], shard_size: int = 10,
-                 n_test: int = 0) -> dict[str, tuple[int, bool]]:
+                 n_test: int = 0, texture: bool = False) -> dict[str, tuple[int, bool]]:
     """Writes train (and test) shards with sidecars; returns id -> (fold, positive)."""
     import tensorflow as tf
 
@@ -60,7 +67,7 @@ def write_shards(cache: Path, groups: dict[tuple[int, bool], int], shard_size: i
     for (fold, positive), n in sorted(groups.items()):
         examples = []
         for _ in range(n):
-            image, mask = make_image(index, fold, positive)
+            image, mask = make_image(index, fold, positive, texture)
             image_id = f"id{index:04d}"
             examples.append((image_id, records.serialize_example(
                 image_id, image, mask, int(positive), fold, int(positive))))

@@ -31,7 +31,7 @@ import keras  # noqa: E402
 
 from tfpneumo import TfpneumoError  # noqa: E402
 from tfpneumo.config import Config, LossConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from tfpneumo.training.callbacks import RunState  # noqa: E402
+from tfpneumo.training.callbacks import NaNGuard, RunState  # noqa: E402
 from tfpneumo.training.losses import BCELoss, build_losses  # noqa: E402
 from tfpneumo.training.schedules import build_schedule  # noqa: E402
 from tfpneumo.training.trainer import (  # noqa: E402
@@ -276,7 +276,7 @@ sys.path.insert(0, sys.argv[1])
 import keras  # noqa: E402
 from test_trainer import PLAIN_BCE, encoder_paths_of, make_batch, tiny_net  # noqa: E402
 
-from tfpneumo.training.callbacks import RunState  # noqa: E402
+from tfpneumo.training.callbacks import NaNGuard, RunState  # noqa: E402
 from tfpneumo.config import Config, LossConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from tfpneumo.training.losses import build_losses  # noqa: E402
 from tfpneumo.training.trainer import Trainer, build_optimizer, resolve_runtime  # noqa: E402
@@ -707,17 +707,21 @@ def test_run_state_keeps_top_k(tmp_path):
 
 def test_run_state_nan_batch_stops_without_saving(tmp_path):
     trainer = make_trainer(0)
-    state = RunState(tmp_path, (0.5,), 2, trainer)
-    state.set_model(trainer)
+    guard = NaNGuard()
+    state = RunState(tmp_path, (0.5,), 2, trainer, guard=guard)
+    for callback in (guard, state):
+        callback.set_model(trainer)
     run_epoch(state, 0, epoch_logs(0.5))
     saved = json.loads((tmp_path / "state" / "state.json").read_text())
 
-    state.on_epoch_begin(1)
-    state.on_train_batch_end(0, {"loss": 0.8})
-    assert not trainer.stop_training and state.nan_at is None
-    state.on_train_batch_end(3, {"loss": float("nan")})
-    assert trainer.stop_training and state.nan_at == (1, 3)
+    guard.on_epoch_begin(1)
+    guard.on_train_batch_end(0, {"loss": 0.8})
+    assert not trainer.stop_training and guard.nan_at is None
+    guard.on_train_batch_end(3, {"loss": float("nan")})
+    assert trainer.stop_training and guard.nan_at == (1, 3)
+    guard.on_epoch_end(1, epoch_logs(0.9, loss=float("nan")))
     state.on_epoch_end(1, epoch_logs(0.9, loss=float("nan")))
+    assert guard.nan_at == (1, 3)  # the first bad batch is kept
     assert json.loads((tmp_path / "state" / "state.json").read_text()) == saved
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["epoch-0001.npz",
                                                                       "state.json"]
@@ -727,25 +731,36 @@ def test_run_state_nan_batch_stops_without_saving(tmp_path):
 
 def test_run_state_nan_in_epoch_logs_only(tmp_path):
     trainer = make_trainer(0)
-    state = RunState(tmp_path, (0.5,), 2, trainer)
-    state.set_model(trainer)
-    state.on_epoch_begin(0)
-    state.on_epoch_end(0, {**epoch_logs(0.5), "val_loss": float("inf")})
-    assert state.nan_at == (0, -1) and trainer.stop_training
+    guard = NaNGuard()
+    state = RunState(tmp_path, (0.5,), 2, trainer, guard=guard)
+    for callback in (guard, state):
+        callback.set_model(trainer)
+        callback.on_epoch_begin(0)
+    logs = {**epoch_logs(0.5), "val_loss": float("inf")}
+    guard.on_epoch_end(0, logs)
+    state.on_epoch_end(0, logs)
+    assert guard.nan_at == (0, -1) and trainer.stop_training
     assert not (tmp_path / "state" / "state.json").exists()
 
 
-def test_run_state_stops_fit_at_the_nan_batch(tmp_path):
-    """Through Keras' fit: the batch whose loss is NaN stops the epoch; nothing is saved."""
+def test_run_state_stops_the_training_loop_at_the_nan_batch(tmp_path):
+    """Through the training loop (tfpneumo.training.loop.fit): the batch whose loss is NaN
+    stops the epoch; nothing is saved."""
+    from tfpneumo import compat
+    from tfpneumo.training import loop
+
     trainer = make_trainer(0)
-    state = RunState(tmp_path, (0.5,), 2, trainer)
+    guard = NaNGuard()
+    state = RunState(tmp_path, (0.5,), 2, trainer, guard=guard)
     x, y = make_batch(4, positives=(0,))
     labels = np.stack([y["label"]] * 4)
     labels[1, 0] = np.nan  # batch 1's label loss is NaN
     ds = tf.data.Dataset.from_tensor_slices((np.stack([x] * 4),
                                              {"mask": np.stack([y["mask"]] * 4), "label": labels}))
-    trainer.fit(ds, epochs=2, verbose=0, callbacks=[state], shuffle=False)
-    assert state.nan_at == (0, 1)
+    compat.symbolic_build(trainer, (x, y))
+    loop.fit(trainer, tf.distribute.get_strategy(), lambda _: ds, epochs=2, initial_epoch=0,
+             steps_per_epoch=4, callbacks=[guard, state], verbose=0)
+    assert guard.nan_at == (0, 1)
     assert state.completed_epochs == 0 and not (tmp_path / "state").exists()
 
 
