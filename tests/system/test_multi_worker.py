@@ -175,18 +175,30 @@ def test_two_machines_train_like_two_gpus_and_like_one_device(cache, tmp_path):
     assert int(a["n_net"]) == int(c["n_net"])
 
 
-def test_killed_worker_and_relaunch_resume_from_the_last_epoch(cache, tmp_path):
-    config = config_file(tmp_path, cache, epochs=3, steps=3)
+def wait_for_epochs(run: Path, n: int, procs) -> None:
+    """Until the chief's run state records ``n`` completed epochs (the workers are then inside
+    the next epoch's loop)."""
+    deadline = time.time() + TIMEOUT
+    state = run / "state" / "state.json"
+    while not (state.exists() and json.loads(state.read_text())["completed_epochs"] >= n):
+        assert all(p.poll() is None for p in procs), f"a worker ended before epoch {n} was saved"
+        assert time.time() < deadline, f"epoch {n} not saved in {TIMEOUT} s"
+        time.sleep(0.1)
+
+
+def test_killed_or_preempted_worker_and_relaunch_resume(cache, tmp_path):
+    """kill -9 of a worker mid-epoch: the relaunch resumes from the last completed epoch;
+    SIGTERM to a worker (a preemption notice): every worker stops after the same step, the
+    chief saves that step first, and the relaunch resumes from it. The run ends as an
+    uninterrupted one: 3 epochs, 3 x 4 optimizer steps, a complete run folder."""
+    config = config_file(tmp_path, cache, epochs=3, steps=4)
     ports = free_ports(2)
     run = tmp_path / "runs" / "killed" / "fold_0"
+
     procs = launch_workers(config, "killed", tmp_path, ports)
     try:
-        deadline = time.time() + TIMEOUT
-        while not (run / "state" / "state.json").exists():
-            assert all(p.poll() is None for p in procs), "a worker ended before epoch 1 was saved"
-            assert time.time() < deadline, f"no epoch completed in {TIMEOUT} s"
-            time.sleep(0.2)
-        time.sleep(0.5)  # inside the second epoch
+        wait_for_epochs(run, 1, procs)
+        time.sleep(0.3)  # inside the second epoch
         os.kill(procs[1].pid, signal.SIGKILL)
         # The chief's next collective fails once the coordination service misses the worker's
         # heartbeats; it exits with an error (or is stopped here if it waits too long).
@@ -197,19 +209,36 @@ def test_killed_worker_and_relaunch_resume_from_the_last_epoch(cache, tmp_path):
     finally:
         finish(procs, timeout=30)
     state = json.loads((run / "state" / "state.json").read_text())
-    assert state["completed_epochs"] == 1
+    assert state["completed_epochs"] == 1 and "steps_into_epoch" not in state
     assert not (run / "result.json").exists()
+
+    procs = launch_workers(config, "killed", tmp_path, ports)
+    try:
+        wait_for_epochs(run, 2, procs)
+        os.kill(procs[1].pid, signal.SIGTERM)
+        preempted = finish(procs)
+    finally:
+        finish(procs, timeout=30)
+    assert "resuming" in preempted[0][2] and "after epoch 1" in preempted[0][2]
+    for code, _, err in preempted:  # both stopped on their own, with the same message
+        assert code == 1 and "stopped by SIGTERM in epoch 3 after step" in err, err[-2000:]
+    state = json.loads((run / "state" / "state.json").read_text())
+    assert state["completed_epochs"] == 2 and 1 <= state["steps_into_epoch"] <= 4
+    done_steps = 2 * 4 + state["steps_into_epoch"]
+    assert optimizer_steps(run) == done_steps  # saved at the step it stopped, not the epoch
 
     results = finish(launch_workers(config, "killed", tmp_path, ports))
     for i, (code, _, err) in enumerate(results):
         assert code == 0, f"relaunched worker {i} failed:\n{err[-3000:]}"
-    assert "resuming" in results[0][2] and "after epoch 1" in results[0][2]
-    assert "Epoch 1/3" not in results[0][1] and "Epoch 2/3" in results[0][1]
+    assert f"after epoch 2 and {state['steps_into_epoch']} steps of epoch 3" in results[0][2]
     rows = (run / "history.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
     assert json.loads((run / "result.json").read_text())["epochs"] == 3
-    final = final_state(run)
-    counters = [int(final[k]) for k in final if k.startswith("opt_") and final[k].shape == ()
-                and final[k].dtype.kind == "i"]
-    assert max(counters) == 9  # 3 epochs x 3 steps: the schedule continued where it stopped
+    assert optimizer_steps(run) == 12  # 3 epochs x 4 steps: the schedule continued
     assert not (run / ".lock").exists()
+
+
+def optimizer_steps(run: Path) -> int:
+    final = final_state(run)
+    return max(int(final[k]) for k in final
+               if k.startswith("opt_") and final[k].shape == () and final[k].dtype.kind == "i")

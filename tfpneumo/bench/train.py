@@ -38,13 +38,14 @@ def resolve_precision(precision: str, gpu: bool) -> str:
 def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
                windows: int = 3, steps: int | None = None, seed: int = 0,
                layout: str = "base") -> dict:
-    """Images/s of ``Trainer.fit`` for one setting (run it in a fresh process).
+    """Images/s of the train step in the training loop for one setting (run it in a fresh
+    process).
 
     The network of the base config (``layout="base"``, random encoder weights), its loss and
     optimizer, or the PyTorch reference's layout (``"reference"``), on an in-memory batch
     repeated (no input cost). The first step traces and compiles (``compile_s``); a second
     sizes the windows (``steps`` optimizer steps, else as many as take about ``seconds``);
-    then, in one ``fit`` call, a warm step and ``windows`` windows: their median, min and max
+    then, in the same loop, a warm step and ``windows`` windows: their median, min and max
     images/s and images per process CPU-second. ``{"error": ...}`` when it does not run here.
     """
     from tfpneumo.tfimport import quiet_tensorflow
@@ -52,8 +53,10 @@ def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
     tf = quiet_tensorflow()
     import keras
 
+    from tfpneumo import compat
     from tfpneumo.config import load_config
     from tfpneumo.models.unet import build_model, encoder_layers
+    from tfpneumo.training import loop
     from tfpneumo.training.losses import build_losses
     from tfpneumo.training.trainer import Trainer, build_optimizer
 
@@ -72,29 +75,31 @@ def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
         losses, loss_weights = build_losses(cfg.loss)
         trainer.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights, jit_compile=xla)
         ds = tf.data.Dataset.from_tensors(random_batch(size, batch, seed)).repeat()
+        compat.symbolic_build(trainer, random_batch(size, batch, seed))
+        marks: list[tuple[float, float]] = []  # wall and process CPU time after every step
+        plan: dict[str, int] = {}
 
         class Clock(keras.callbacks.Callback):
-            """Wall and process CPU time at the end of every step."""
+            """Times every step; after the first two (the trace, then a warm step) sizes the
+            windows and stops the loop after one more warm step and ``windows`` windows."""
 
-            def on_train_batch_end(self, batch, logs=None):
+            def on_train_batch_end(self, step, logs=None):
                 marks.append((time.perf_counter(), time.process_time()))
+                loss = float(keras.ops.convert_to_numpy(logs["loss"]))
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss {loss}")
+                if step == 1:
+                    plan["n"] = steps or max(1, round(seconds / (marks[1][0] - marks[0][0])))
+                if "n" in plan and step + 1 >= 3 + plan["n"] * windows:
+                    self.model.stop_training = True
 
-        def run(n: int) -> None:
-            history = trainer.fit(ds, epochs=1, steps_per_epoch=n, verbose=0, shuffle=False,
-                                  callbacks=[Clock()])
-            loss = history.history["loss"][-1]
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss {loss}")
-
-        marks: list[tuple[float, float]] = []
         t0 = time.perf_counter()
-        run(2)  # traces and optimises (and XLA-compiles) the step, then one warm step
+        # The training loop `tfpneumo train` runs (tfpneumo.training.loop), one call.
+        loop.fit(trainer, tf.distribute.get_strategy(), lambda _: ds, epochs=1, initial_epoch=0,
+                 steps_per_epoch=10**9, callbacks=[Clock()], verbose=0, jit_compile=xla)
         row["compile_s"] = marks[0][0] - t0
-        n = steps or max(1, round(seconds / (marks[1][0] - marks[0][0])))
-        # One fit call for every window: Keras' per-call start-up is not a training cost.
-        marks.clear()
-        run(1 + n * windows)
-        bounds = marks[::n]  # after the warm step, then after each window of n steps
+        n = plan["n"]
+        bounds = marks[2::n]  # after the second warm step, then after each window of n steps
         walls = [b[0] - a[0] for a, b in zip(bounds, bounds[1:], strict=False)]
         cpus = [b[1] - a[1] for a, b in zip(bounds, bounds[1:], strict=False)]
         row.update(img_per_s=spread([n * batch / wall for wall in walls]),

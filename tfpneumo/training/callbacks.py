@@ -66,6 +66,7 @@ class RunState(keras.callbacks.Callback):
         self.history: list[dict] = []
         self.top: list[dict] = []  # [{"epoch", "score", "path"}], best first
         self.completed_epochs = 0
+        self.resume_step = 0  # steps done in the epoch after the completed ones (preempted)
         self.guard = guard
 
     # -- persistence ---------------------------------------------------------------------
@@ -92,23 +93,32 @@ class RunState(keras.callbacks.Callback):
         self.completed_epochs = meta["completed_epochs"]
         self.history = meta["history"]
         self.top = meta["top"]
+        self.resume_step = int(meta.get("steps_into_epoch", 0))
         return True
 
-    def _save(self, epoch: int) -> None:
+    def save_preempted(self, steps: int) -> None:
+        """Saves the state ``steps`` steps into the epoch after the completed ones (a SIGTERM
+        stopped it there); :meth:`load` then gives ``resume_step``."""
+        self._save(self.completed_epochs - 1, steps_into_next=steps)
+
+    def _save(self, epoch: int, steps_into_next: int = 0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         net_w = self.trainer.net.get_weights()
         opt_w = [keras.ops.convert_to_numpy(v) for v in self.trainer.optimizer.variables]
         arrays = {f"net_{i}": w for i, w in enumerate(net_w)}
         arrays.update({f"opt_{i}": w for i, w in enumerate(opt_w)})
         arrays.update(n_net=len(net_w), n_opt=len(opt_w))
-        name = f"epoch-{epoch + 1:04d}.npz"
+        tag = f"{epoch + 1:04d}" + (f"-step-{steps_into_next:06d}" if steps_into_next else "")
+        name = f"epoch-{tag}.npz"
         write_npz(self.state_dir / name, **arrays)
         swa_name = None
         if self.swa is not None and self.swa.n > 0:
-            swa_name = f"swa-{epoch + 1:04d}.npz"
+            swa_name = f"swa-{tag}.npz"
             self.swa.save_state(self.state_dir / swa_name)
         meta = {"completed_epochs": epoch + 1, "arrays": name, "swa": swa_name,
                 "history": self.history, "top": self.top}
+        if steps_into_next:
+            meta["steps_into_epoch"] = steps_into_next
         write_json(self.state_dir / "state.json", meta)
         for old in [*self.state_dir.glob("epoch-*.npz"), *self.state_dir.glob("swa-*.npz")]:
             if old.name not in (name, swa_name):

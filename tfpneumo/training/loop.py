@@ -16,7 +16,12 @@ therefore taken by all workers at the same step, as collective ops require.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,14 +31,16 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 
 
-def _train_function(trainer, strategy, jit_compile: bool):
-    """One optimizer step over the next distributed batch -> the metric logs (all replicas)."""
+def _train_function(trainer, strategy, jit_compile: bool, stop_flag):
+    """One optimizer step over the next distributed batch -> (the metric logs of all replicas,
+    whether any worker was asked to stop: ``stop_flag`` summed over the replicas)."""
     step = tf.function(trainer.train_step, reduce_retracing=True, jit_compile=jit_compile)
 
     @tf.function
     def train_one(iterator):
         strategy.run(step, args=(next(iterator),))
-        return trainer.get_metrics_result()
+        asked = strategy.run(lambda: tf.identity(stop_flag))
+        return trainer.get_metrics_result(), strategy.reduce("SUM", asked, axis=None)
 
     return train_one
 
@@ -59,50 +66,90 @@ def _floats(logs: dict) -> dict[str, float]:
     return {k: float(keras.ops.convert_to_numpy(v)) for k, v in logs.items()}
 
 
+class Preempted(NamedTuple):
+    """Where a SIGTERM stopped the loop: ``steps`` steps of epoch ``epoch`` (0-based) done."""
+
+    epoch: int
+    steps: int
+
+
+@contextlib.contextmanager
+def _sigterm_raises_flag(flag):
+    """While inside: SIGTERM (a scheduler's preemption notice) sets ``flag`` instead of ending
+    the process, so that the loop can stop at a step boundary and the run state be saved."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        flag.assign(1.0)
+        print("tfpneumo: SIGTERM: stopping after this step to save the run state",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def fit(trainer, strategy, train_input, val_input=None, *, epochs: int, initial_epoch: int,
-        steps_per_epoch: int, callbacks=(), verbose: int = 1, jit_compile: bool = False) -> None:
+        steps_per_epoch: int, initial_step: int = 0, callbacks=(), verbose: int = 1,
+        jit_compile: bool = False) -> Preempted | None:
     """Trains ``trainer`` (compiled, built) from epoch ``initial_epoch`` to ``epochs``.
 
     Args:
-        train_input: ``InputContext -> dataset`` of per-replica training batches, infinite.
+        train_input: ``InputContext -> dataset`` of per-replica training batches, infinite
+            (already past ``initial_step`` steps when resuming inside an epoch).
         val_input: ``InputContext -> dataset`` of per-replica validation batches, finite; every
             worker evaluates the whole fold on its own replicas and the metric sums are
             all-reduced: every metric is a ratio of sums, so the figures are those of one
             device (the W copies cancel) and every worker reports them.
+        initial_step: steps of ``initial_epoch`` already done (a run preempted mid-epoch).
         callbacks: Keras callbacks, driven as ``fit`` drives them; ``trainer.stop_training``
             ends the loop after the current step (and that epoch's validation).
+
+    Returns:
+        None when the epochs ran (or a callback stopped them); :class:`Preempted` when a
+        SIGTERM reached any worker: every worker then stops after the same step, at once.
     """
     # Iterating a distributed dataset inside tf.function reads its options in graph mode.
     warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
     dist_train = strategy.distribute_datasets_from_function(train_input)
     dist_val = strategy.distribute_datasets_from_function(val_input) if val_input else None
-    train_one = _train_function(trainer, strategy, jit_compile)
+    stop_flag = tf.Variable(0.0, trainable=False)  # this process's own; read by every replica
+    train_one = _train_function(trainer, strategy, jit_compile, stop_flag)
     evaluate = _test_function(trainer, strategy)
     hooks = keras.callbacks.CallbackList(
         list(callbacks), add_history=True, add_progbar=verbose != 0, verbose=verbose,
         epochs=epochs, steps=steps_per_epoch, model=trainer)
     trainer.stop_training = False
     iterator = iter(dist_train)
-    hooks.on_train_begin()
     epoch_logs: dict[str, float] = {}
-    for epoch in range(initial_epoch, epochs):
-        trainer.reset_metrics()
-        hooks.on_epoch_begin(epoch)
-        logs = {}
-        for step in range(steps_per_epoch):
-            hooks.on_train_batch_begin(step)
-            logs = train_one(iterator)
-            hooks.on_train_batch_end(step, logs)
+    with _sigterm_raises_flag(stop_flag):
+        hooks.on_train_begin()
+        for epoch in range(initial_epoch, epochs):
+            trainer.reset_metrics()
+            hooks.on_epoch_begin(epoch)
+            logs = {}
+            first = initial_step if epoch == initial_epoch else 0
+            for step in range(first, steps_per_epoch):
+                hooks.on_train_batch_begin(step)
+                logs, asked = train_one(iterator)
+                if float(asked) > 0:
+                    return Preempted(epoch, step + 1)
+                hooks.on_train_batch_end(step, logs)
+                if trainer.stop_training:
+                    break
+            epoch_logs = _floats(trainer.get_metrics_result() if not logs else logs)
+            if dist_val is not None:
+                trainer.reset_metrics()
+                epoch_logs.update({f"val_{k}": v for k, v in _floats(evaluate(dist_val)).items()})
+            hooks.on_epoch_end(epoch, epoch_logs)
             if trainer.stop_training:
                 break
-        epoch_logs = _floats(trainer.get_metrics_result() if not logs else logs)
-        if dist_val is not None:
-            trainer.reset_metrics()
-            epoch_logs.update({f"val_{k}": v for k, v in _floats(evaluate(dist_val)).items()})
-        hooks.on_epoch_end(epoch, epoch_logs)
-        if trainer.stop_training:
-            break
-    hooks.on_train_end(logs=epoch_logs)
+        hooks.on_train_end(logs=epoch_logs)
+    return None
 
 
 # ----------------------------------------------------------------------------- the chief's state

@@ -307,6 +307,7 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     if chief:
         state.load()
     start = _chief_says(runtime, state.completed_epochs)
+    start_step = _chief_says(runtime, state.resume_step)  # > 0 after a preemption
     loop.share_chief_variables(runtime.strategy, runtime.workers,
                                [*net.weights, *optimizer.variables])
     # The stage starts: from here its folder records the config it trains with.
@@ -314,8 +315,10 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     if on_start is not None and chief:
         on_start()
     dump_config(cfg, stage_dir / runs.CONFIG)
-    if start:
-        print(f"resuming {stage_dir} after epoch {start}", file=sys.stderr)
+    if start or start_step:
+        print(f"resuming {stage_dir} after epoch {start}"
+              f"{f' and {start_step} steps of epoch {start + 1}' if start_step else ''}",
+              file=sys.stderr)
 
     # Every worker: what decides when to stop; the chief: what writes.
     callbacks = [LearningRateLogger(), guard]
@@ -339,16 +342,23 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
         with runtime.strategy.scope():
             compile_trainer()
 
-        def train_input(context, phase_start=phase_start):
-            return train_dataset(cache, fold, cfg, epochs=epochs,
-                                 steps_per_epoch=tcfg.steps_per_epoch or None,
-                                 seed=cfg.seed + fold, initial_epoch=phase_start,
-                                 service=service, device_finish=True, input_context=context)[0]
+        skip = start_step if phase_start == start else 0
+
+        def train_input(context, phase_start=phase_start, skip=skip):
+            ds = train_dataset(cache, fold, cfg, epochs=epochs,
+                               steps_per_epoch=tcfg.steps_per_epoch or None,
+                               seed=cfg.seed + fold, initial_epoch=phase_start,
+                               service=service, device_finish=True, input_context=context)[0]
+            # Resuming inside an epoch: the stream is the epoch's from its start; one element
+            # per local replica and step.
+            local = context.num_replicas_in_sync // context.num_input_pipelines
+            return ds.skip(skip * local) if skip else ds
 
         try:
-            loop.fit(trainer, runtime.strategy, train_input, val_input, epochs=phase_end,
-                     initial_epoch=phase_start, steps_per_epoch=steps, callbacks=callbacks,
-                     verbose=verbose, jit_compile=runtime.jit_compile)
+            preempted = loop.fit(trainer, runtime.strategy, train_input, val_input,
+                                 epochs=phase_end, initial_epoch=phase_start,
+                                 initial_step=skip, steps_per_epoch=steps, callbacks=callbacks,
+                                 verbose=verbose, jit_compile=runtime.jit_compile)
         except tf.errors.OpError as e:
             if service and "tfpneumo_heavy_" in str(e):  # token of augment.register_heavy
                 raise TfpneumoError(
@@ -356,6 +366,13 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
                     "settings than this config's (elastic/grid/optical/CLAHE); start `tfpneumo "
                     "data-worker` with the same --config and --set") from None
             raise
+        if preempted is not None:
+            if chief:
+                state.save_preempted(preempted.steps)
+            raise TfpneumoError(
+                f"stopped by SIGTERM in epoch {preempted.epoch + 1} after step "
+                f"{preempted.steps}; the run state is saved ({stage_dir / runs.STATE}); rerun "
+                "the same command (on every machine) to resume from there")
         if guard.nan_at is not None:
             epoch, batch = guard.nan_at
             good = (f"last good state: epoch {state.completed_epochs} in {stage_dir / runs.STATE}"
