@@ -121,9 +121,11 @@ def _area_shrink(grey, height, width, size: int):
     """(B, H, W, 1) -> (B, size, size, 1): rows, then columns, averaged by matrix products."""
     import tensorflow as tf
 
-    rows = tf.matmul(_area_weights(height, size)[None], grey[..., 0])  # (B, size, W)
+    # squeeze/expand_dims, not [..., 0]: tf2onnx cannot slice with an ellipsis where it
+    # lost the rank (inside tf.case)
+    rows = tf.matmul(_area_weights(height, size)[None], tf.squeeze(grey, [3]))  # (B, size, W)
     both = tf.matmul(rows, _area_weights(width, size), transpose_b=True)  # (B, size, size)
-    return both[..., None]
+    return tf.expand_dims(both, 3)
 
 
 def network_pixels(grey, height, width, size: int):
@@ -171,11 +173,12 @@ def window_uint16(pixels):
 
 
 def window_uint16_integer(pixels):
-    """(B, H, W, 1) uint16 (or int32 holding 0..65535) -> :func:`window_uint16` in int32 arithmetic, for LiteRT (whose builtin ops have no
-    float64): the exact rational ``255 (p - min) / (max - min)`` rounded half to even. Equal to
+    """(B, H, W, 1) uint16 (or int32 holding 0..65535) -> float32 grey levels 0..255 as
+    :func:`window_uint16`, in int32 arithmetic for LiteRT (whose builtin ops have no float64):
+    the exact rational ``255 (p - min) / (max - min)`` rounded half to even. Equal to
     to_uint8's float64 result except at an exact half level (``510 (p - min)`` an odd multiple
     of ``max - min``, which needs an even range), where float64's rounding error decides: there
-    it can be one grey level higher or lower."""
+    it can be one grey level apart (float64 rounds about 7 % of such half levels off even)."""
     import tensorflow as tf
 
     values = tf.cast(pixels, tf.int32)
