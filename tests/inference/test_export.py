@@ -198,6 +198,24 @@ def test_litert_without_its_runtime_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(e.value) and not (tmp_path / "m").exists()
 
 
+def test_a_failed_export_leaves_no_folder(real_run, tmp_path, monkeypatch):
+    """The model is built in a temporary folder beside --out and renamed at the end: a write
+    that fails (here a full disk) leaves neither --out nor the temporary folder."""
+    import tensorflow as tf
+
+    from tfpneumo.inference.export import export
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", full_disk)
+    (tmp_path / "empty").mkdir()  # an empty --out is allowed, and stays as it was
+    for out in (tmp_path / "new" / "model", tmp_path / "empty"):
+        with pytest.raises(TfpneumoError, match=r"cannot write \(No space left on device\)$"):
+            export(real_run.cfg, out=out, rule={"bottom": 0.5}, size=SIZE, workdir=real_run.workdir)
+        assert not out.exists() or not any(out.iterdir())
+        assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
 def test_export_command_prints_one_line_errors(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
