@@ -330,23 +330,6 @@ def _serving_functions(nets: list, size: int, rule: Rule, hflip: bool,
     return {SIGNATURE: serve, SIGNATURE_UINT16: serve_uint16}
 
 
-def _frozen(tf, function):
-    """``function`` (a tf.function of one input) with the networks' variables made constants:
-    the converter keeps the variables of a file with several signatures as resource
-    variables, which LiteRT's signature runners leave unset (the outputs came out NaN)."""
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    concrete = function.get_concrete_function()
-    frozen = convert_variables_to_constants_v2(concrete)  # flat outputs: packed again below
-
-    @tf.function(input_signature=function.input_signature)
-    def with_constants(images):
-        return tf.nest.pack_sequence_as(concrete.structured_outputs, frozen(images))
-
-    with_constants._name = function.__name__  # noqa: SLF001  (the .tflite signature's name)
-    return with_constants
-
-
 def synthetic_image(height: int, width: int, dtype) -> Any:
     """(1, H, W) diagonal stripes over the whole range of ``dtype`` (uint8 or uint16): an
     input that reaches every grey level, for the check after conversion."""
@@ -364,7 +347,10 @@ def _write_litert(tf, serving: dict, path: Path, quantize: str) -> float:
     probability difference seen (float32: ~1e-6; quantised: what the quantisation costs)."""
     import numpy as np
 
-    functions = {name: _frozen(tf, serving[name]) for name in (SIGNATURE, SIGNATURE_UINT16)}
+    from tfpneumo.compat import with_constants
+
+    # frozen: with two signatures the converter would leave the weights unset (compat)
+    functions = {name: with_constants(serving[name]) for name in (SIGNATURE, SIGNATURE_UINT16)}
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [f.get_concrete_function() for f in functions.values()], tf.Module())
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
