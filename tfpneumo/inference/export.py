@@ -32,8 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -389,7 +389,10 @@ def _new_folder(out: Path):
     """Yields a temporary folder beside ``out``, renamed onto ``out`` (absent or empty) when
     the block ends; on an exception it is removed and ``out`` is left as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # mkdir, not mkdtemp: the folder gets the umask's permissions (mkdtemp's 0700 would
+    # keep a model server running as another user out)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
     try:
         yield tmp
         if out.is_dir():
