@@ -285,15 +285,20 @@ def _ensemble_outputs(nets: list, size: int, rule: Rule, hflip: bool, scales: tu
 def _serving_functions(nets: list, size: int, rule: Rule, hflip: bool,
                        scales: tuple[float, ...], input_size: tuple[int, int] | None = None):
     """{signature name: tf.function}: uint8 (``serving_default``) and uint16 images in, the
-    dict of :data:`OUTPUTS` out. ``input_size`` None: any (B, H, W[, 1]); (H, W): exactly
-    (1, H, W), traced without control flow or float64 (what LiteRT's builtin ops run)."""
+    dict of :data:`OUTPUTS` out; the uint16 one windows, then calls the uint8 one.
+    ``input_size`` None: any (B, H, W[, 1]); (H, W): exactly (1, H, W), traced without
+    control flow or float64 and with the weights as constants (what LiteRT runs)."""
     import tensorflow as tf
 
     outputs = _ensemble_outputs(nets, size, rule, hflip, scales)
     if input_size is not None:
         height, width = input_size
 
-        # the converter names a .tflite signature after its function
+        from tfpneumo.compat import with_constants
+
+        # the converter names a .tflite signature after its function; the weights become
+        # constants (with two signatures the converter would leave them unset: compat)
+        @with_constants
         @tf.function(input_signature=[tf.TensorSpec([1, height, width], tf.uint8, name="images")])
         def serving_default(images):
             return outputs(tf.cast(images, tf.float32)[..., None], height, width)
@@ -301,8 +306,9 @@ def _serving_functions(nets: list, size: int, rule: Rule, hflip: bool,
         @tf.function(input_signature=[tf.TensorSpec([1, height, width], tf.uint16, name="images")])
         def serving_uint16(images):
             # cast before slicing: LiteRT's StridedSlice takes no uint16
-            return outputs(window_uint16_integer(tf.cast(images, tf.int32)[..., None]), height,
-                           width)
+            grey = window_uint16_integer(tf.cast(images, tf.int32)[..., None])
+            # whole levels 0..255: the uint8 graph, traced once for both
+            return serving_default(tf.cast(grey[..., 0], tf.uint8))
 
         return {SIGNATURE: serving_default, SIGNATURE_UINT16: serving_uint16}
 
@@ -324,8 +330,8 @@ def _serving_functions(nets: list, size: int, rule: Rule, hflip: bool,
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.uint16, name="images")])
     def serve_uint16(images):
-        grey, height, width = as_batch(images, "uint16")
-        return outputs(window_uint16(grey), height, width)
+        grey, _, _ = as_batch(images, "uint16")
+        return serve(tf.cast(window_uint16(grey), tf.uint8))  # whole levels 0..255
 
     return {SIGNATURE: serve, SIGNATURE_UINT16: serve_uint16}
 
@@ -347,12 +353,8 @@ def _write_litert(tf, serving: dict, path: Path, quantize: str) -> float:
     probability difference seen (float32: ~1e-6; quantised: what the quantisation costs)."""
     import numpy as np
 
-    from tfpneumo.compat import with_constants
-
-    # frozen: with two signatures the converter would leave the weights unset (compat)
-    functions = {name: with_constants(serving[name]) for name in (SIGNATURE, SIGNATURE_UINT16)}
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [f.get_concrete_function() for f in functions.values()], tf.Module())
+    functions = [serving[name].get_concrete_function() for name in (SIGNATURE, SIGNATURE_UINT16)]
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, tf.Module())
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # alone: int8 weights ("dynamic")
@@ -366,9 +368,9 @@ def _write_litert(tf, serving: dict, path: Path, quantize: str) -> float:
     path.write_bytes(model)
     interpreter = _import_litert_interpreter()(model_path=str(path))
     found = sorted(interpreter.get_signature_list())
-    if found != sorted(functions):
+    if found != [SIGNATURE, SIGNATURE_UINT16]:
         raise TfpneumoError(f"--format litert: the converted file has signatures {found}, "
-                            f"expected {', '.join(sorted(functions))}")
+                            f"expected {SIGNATURE}, {SIGNATURE_UINT16}")
     largest = 0.0
     for name, dtype in ((SIGNATURE, np.uint8), (SIGNATURE_UINT16, np.uint16)):
         shape = serving[name].input_signature[0].shape
