@@ -321,7 +321,7 @@ for i in range(len(pixels.files)):
         outputs[f"{name}_{i}"] = value[0].copy()  # the runner reuses its output buffers
 np.savez(out, **outputs)
 """
-LITERT_MISSING = [m for m in ("ai_edge_litert",) if importlib.util.find_spec(m) is None]
+LITERT_MISSING = importlib.util.find_spec("ai_edge_litert") is None
 
 
 def serve_litert(model, inputs: dict, tmp_path):
@@ -331,7 +331,7 @@ def serve_litert(model, inputs: dict, tmp_path):
     return np.load(tmp_path / "served.npz")
 
 
-@pytest.mark.skipif(bool(LITERT_MISSING), reason="ai-edge-litert not installed: "
+@pytest.mark.skipif(LITERT_MISSING, reason="ai-edge-litert not installed: "
                     "pip install 'tfpneumo[export]' to test --format litert")
 def test_litert_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
     """model.tflite (float32, input fixed to 1 x 1024 x 1024) in the LiteRT interpreter against
@@ -371,7 +371,7 @@ def test_litert_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
         assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
         assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)
 
-@pytest.mark.skipif(bool(LITERT_MISSING), reason="ai-edge-litert not installed: "
+@pytest.mark.skipif(LITERT_MISSING, reason="ai-edge-litert not installed: "
                     "pip install 'tfpneumo[export]' to test --format litert")
 def test_litert_float16_costs_what_the_readme_says(real_run, tmp_path):
     """--quantize float16 (weights stored as float16, computed in float32) on two real test
