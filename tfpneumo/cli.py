@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -99,10 +100,19 @@ def train(
     config: ConfigOpt = None,
     fold: Annotated[str, typer.Option(help="Validation fold: an index, a list 0,2 or all (in turn).")] = "0",
     set_: SetOpt = None,
+    workers: Annotated[str | None, typer.Option(
+        help="Train on several machines: host:port of every worker, the same list on each "
+             "(worker 0 is the chief and writes the run folder). Sets TF_CONFIG.")] = None,
+    worker_index: Annotated[int | None, typer.Option(
+        help="This machine's place in --workers (0, 1, ...).")] = None,
 ) -> None:
     """Train a fold (resumable) into runs/<experiment>/fold_<k>/."""
     folds = grammar.parse_folds(fold, "--fold")
     cfg = load_config(config, set_ or [])
+    if workers is not None:
+        os.environ["TF_CONFIG"] = grammar.parse_workers(workers, worker_index)
+    elif worker_index is not None:
+        raise TfpneumoError("--worker-index needs --workers (the list of host:port)")
     quiet_tensorflow()
     from tfpneumo.training.run import train as train_folds
 
@@ -184,21 +194,32 @@ def submit(
 @one_line_errors
 def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM files.")],
-    out: Annotated[Path, typer.Option(help="Folder for the probability, mask and overlay PNGs.")],
+    out: Annotated[Path, typer.Option(help="Folder for the outputs (<id>_mask.png, <id>_seg.dcm, ...).")],
     config: ConfigOpt = None,
     folds: FoldsOpt = "all", weights: WeightsOpt = "auto", size: SizeOpt = 1024,
     rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
     label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
+    fmt: Annotated[str, typer.Option("--format", help="png (probability, mask and overlay PNGs) | "
+                                     "dicom-seg (one DICOM Segmentation per image) | "
+                                     "png,dicom-seg.")] = "png",
+    seg_type: Annotated[str, typer.Option(help="binary (the mask) | fractional (the probability) "
+                                          "for --format dicom-seg.")] = "binary",
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also <id>_prob.npz: the "
+                                             "probability map, float16, compressed.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Also <id>_gradcam.png: Grad-CAM of "
+                                          "the classification head on the image.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Probability, mask and overlay PNGs for each DICOM."""
+    """Probability, mask and overlay PNGs (or DICOM SEG files) for each DICOM."""
     quiet_tensorflow()
     from tfpneumo.inference.pictures import predict as run_predict
 
     cfg = load_config(config, set_ or [])
     typer.echo(run_predict(cfg, files, out=out, folds=grammar.parse_folds(folds), weights=weights,
                            size=size, hflip=hflip, scales=grammar.parse_scales(scales),
-                           rule=_rule(rule, top, min_area, bottom, label_threshold)))
+                           rule=_rule(rule, top, min_area, bottom, label_threshold),
+                           formats=fmt.split(","), seg_type=seg_type, save_probs=save_probs,
+                           explain=explain))
 
 
 @app.command()

@@ -27,8 +27,10 @@ entry                                 why
 :func:`weights_h5_bytes`              ``save_weights`` writes through HDF5, which crashes
                                       (SIGSEGV) closing a file it could not write (full
                                       disk); private ``saving_lib`` makes the bytes in memory
-:data:`MULTI_WORKER_FIT`              Keras 3 ``fit`` fails under MultiWorkerMirroredStrategy
-                                      (keras-team/keras#20585, tensorflow/tensorflow#72388)
+:func:`symbolic_build`                private ``Trainer._symbolic_build``: makes the compiled
+                                      loss and metric variables before ``strategy.run`` (our
+                                      loop replaces ``fit``, which fails under
+                                      MultiWorkerMirroredStrategy, keras-team/keras#20585)
 :func:`with_constants`                ``TFLiteConverter.from_concrete_functions`` with two or
                                       more signatures leaves Keras 3 variables as resource
                                       variables that LiteRT never sets (garbage or NaN out);
@@ -54,9 +56,11 @@ OPTIMIZER_PRIVATE_METHODS = ("_clip_gradients", "_backend_update_step", "_apply_
                              "_use_weight_decay", "_get_variable_index",
                              "_all_reduce_sum_gradients", "_distributed_tf_update_step")
 
-MULTI_WORKER_FIT = ("train.strategy multi_worker: Keras 3.15 model.fit does not run under "
-                    "MultiWorkerMirroredStrategy (keras-team/keras#20585); train on one machine "
-                    "(mirrored over its GPUs) for now")
+
+def symbolic_build(trainer, data_batch) -> None:
+    """Builds ``trainer``'s compiled loss and metrics (and any unbuilt layer) from one
+    ``(x, y)`` batch of arrays, as ``fit`` does before its first step (shapes only)."""
+    trainer._symbolic_build(data_batch=data_batch)
 
 
 def merge_call(fn, strategy, *args, **kwargs):
@@ -122,10 +126,10 @@ def with_constants(function):
     made a constant (``tensorflow.python.framework.convert_to_constants``), its outputs
     structured as before and its name kept (``from_concrete_functions`` names a .tflite
     signature after its function)."""
+    import functools
+
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    import functools
 
     concrete = function.get_concrete_function()
     frozen = convert_variables_to_constants_v2(concrete)  # returns flat outputs

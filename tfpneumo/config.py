@@ -188,6 +188,9 @@ class ModelConfig:
     # first steps go into pushing the ~99 % of empty pixels down: on data we were not tuned on
     # the demo budget then learned nothing (README, "Does a run learn?").
     mask_prior: float = 0.01
+    # BatchNorm statistics over the whole global batch (all replicas of all workers) instead of
+    # each replica's share: at 1024 px a GPU holds 1-2 images, too few for batch statistics.
+    sync_batchnorm: bool = False
 
     def validate(self, prefix: str) -> None:
         _check(0.0 < self.bn_momentum < 1.0, prefix, "bn_momentum", "must be in (0, 1)")

@@ -109,3 +109,24 @@ def parse_scales(text: str | Sequence[float], option: str = "--scales") -> tuple
     if not values or any(not math.isfinite(s) or s <= 0 for s in values):
         raise TfpneumoError(f"{option} {raw!r}: expected positive scales like 1.0,0.75,1.25")
     return values
+
+
+def parse_workers(text: str, index: int | None, option: str = "--workers") -> str:
+    """``"host1:port,host2:port"`` and this process's ``index`` -> the ``TF_CONFIG`` JSON of a
+    MultiWorkerMirroredStrategy cluster (worker 0 is the chief). Every process gets the same
+    list in the same order and its own index."""
+    import json
+
+    hosts = [h.strip() for h in str(text).split(",") if h.strip()]
+    for host in hosts:
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise TfpneumoError(f"{option} {text!r}: {host!r} is not host:port (port 1-65535)")
+    if len(set(hosts)) != len(hosts):
+        raise TfpneumoError(f"{option} {text!r}: a worker is listed twice")
+    if len(hosts) < 2:
+        raise TfpneumoError(f"{option} {text!r}: name at least two workers (host:port,host:port)")
+    if index is None or not 0 <= index < len(hosts):
+        raise TfpneumoError(f"--worker-index {index}: expected 0..{len(hosts) - 1}, this "
+                            f"process's place in {option}")
+    return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})

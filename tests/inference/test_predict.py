@@ -44,7 +44,7 @@ def test_predict_writes_three_pngs_at_the_dicom_size(siim_mini, tmp_path):
     files = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))[:2]
     out = tmp_path / "pred"
     summary = predict(cfg, files, out=out, rule=THRESHOLDS, size=64, workdir=tmp_path)
-    assert len(summary.splitlines()) == 3 and "wrote 6 PNGs" in summary
+    assert len(summary.splitlines()) == 3 and "wrote 6 files" in summary
     for path in files:
         image_id = path.stem
         prob = np.asarray(Image.open(out / f"{image_id}_prob.png"))

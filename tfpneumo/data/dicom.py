@@ -327,6 +327,20 @@ def read_header(path: str | Path, max_mib: float = MAX_DICOM_MIB) -> dict:
     return meta
 
 
+def read_dataset_header(path: str | Path, max_mib: float = MAX_DICOM_MIB) -> Any:
+    """The pydicom Dataset of a DICOM without its pixel data (``file_meta`` included), with the
+    checks of :func:`read_header`; for writers that copy header elements (DICOM SEG)."""
+    import pydicom.config
+
+    path = Path(path)
+    with pydicom.config.disable_value_validation(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds, _ = _read(path, stop_before_pixels=True, max_mib=max_mib)
+        _check_size(path, ds, max_mib)
+        _header(path, ds)  # a corrupt element raises here, naming the file
+    return ds
+
+
 def to_uint8(pixels: np.ndarray, monochrome1: bool = False) -> np.ndarray:
     """(H, W) pixels of any integer/float dtype -> (H, W) uint8.
 

@@ -152,13 +152,41 @@ def _read_from_service(ds, service: str, stream: str):
                                        element_spec=ds.element_spec, job_name=job)
 
 
+def _replica_rows(input_context, batch: int) -> tuple[int, int, int]:
+    """``(local replicas, rows per replica, first row)`` of this input pipeline in each
+    global batch of ``batch`` rows; ``(1, batch, 0)`` without an input context."""
+    if input_context is None:
+        return 1, batch, 0
+    replicas, pipelines = input_context.num_replicas_in_sync, input_context.num_input_pipelines
+    if batch % replicas or replicas % pipelines:
+        raise PipelineError(f"global batch {batch} does not split over {replicas} replicas "
+                            f"in {pipelines} input pipelines")
+    local, rows = replicas // pipelines, batch // replicas
+    return local, rows, input_context.input_pipeline_id * local * rows
+
+
+def _split_rows(ds, local: int, rows: int, first: int):
+    """``((images, masks, ...), r)`` global batches -> ``local`` elements per batch: rows
+    ``first + j*rows ...`` for local replica ``j``, each with the batch's random number ``r``
+    (the replica's draws then differ through the pixel hash of :func:`_aug_seed` only)."""
+    tf = _tf()
+
+    def parts(elem, r):
+        mine = tuple(tf.reshape(t[first:first + local * rows], [local, rows, *t.shape[1:]])
+                     for t in elem)
+        return mine, tf.fill([local], r)
+
+    return ds.map(parts).unbatch()
+
+
 # ----------------------------------------------------------------------------- training
 
 def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
                   global_batch_size: int | None = None, epochs: int,
                   steps_per_epoch: int | None = None, seed: int | None = None,
                   initial_epoch: int = 0, vectorize: bool = True,
-                  service: str | None = None, device_finish: bool = False):
+                  service: str | None = None, device_finish: bool = False,
+                  input_context=None):
     """Infinite augmented training batches and the number of steps per epoch.
 
     Args:
@@ -186,6 +214,15 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
             table) to the train step (:func:`tfpneumo.training.trainer.finish_on_device`), on the
             training device: elements are then ``({"image": (B, S, S, 1) uint8, "lut":
             (B, 256) float32}, {"mask": (B, S, S, 1) uint8, "label": (B, 1) float32})``.
+        input_context: a ``tf.distribute.InputContext`` (from
+            ``strategy.distribute_datasets_from_function``): the dataset then yields this
+            input pipeline's per-replica batches, one per local replica in turn. Every
+            pipeline draws the same global batches and keeps its own rows of each (replica
+            ``r`` of ``R`` gets rows ``r*B/R ... (r+1)*B/R - 1``) before augmenting them, so one
+            device, several GPUs and several machines train on the same images in the same
+            order, and a replica's augmentation draws do not depend on how replicas are
+            spread over machines (see :func:`_replica_rows`). Under a tf.data service each
+            pipeline reads its own batches of ``B/P`` from the shared job instead.
 
     Returns:
         ``(dataset, steps_per_epoch)``; elements ``(images, {"mask": masks, "label": labels})``
@@ -257,12 +294,17 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
     npc = AUTOTUNE if data.num_parallel_calls == -1 else data.num_parallel_calls
     out_size, crop, aug = data.image_size, data.crop, cfg.augment
     aug_seed = int(s_aug.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    local, rows, first = _replica_rows(input_context, batch)
+    if service:  # each reader gets whole batches of its own from the shared job
+        batch, first = local * rows, 0
 
     # Workers of a tf.data service send the uint8 resampled batch and its grey-level tables;
     # the lookup to float32 (4x the bytes) happens on the reading side.
     if vectorize:
         ds = ds.batch(batch, drop_remainder=True)
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=aug_seed))
+        if not service and input_context is not None:
+            ds = _split_rows(ds, local, rows, first)
 
         def aug_batch(elem, r):
             images, masks, labels = elem
@@ -281,6 +323,9 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
 
         ds = ds.map(aug_one, num_parallel_calls=npc)
         ds = ds.batch(batch, drop_remainder=True)
+        if not service and input_context is not None:
+            ds = _split_rows(ds.map(lambda *elem: (elem, 0)), local, rows, first).map(
+                lambda elem, _: elem)
 
     options = tf.data.Options()
     options.deterministic = True
@@ -293,6 +338,10 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
         ds = _read_from_service(ds, service, repr((
             str(cache.resolve()), fold, cfg.data, cfg.augment, cfg.seed, seed, initial_epoch,
             epochs, steps_per_epoch, batch, vectorize)))
+
+    if service and local > 1:  # this reader's batch, one part per local replica
+        ds = _split_rows(ds.map(lambda *elem: (elem, 0)), local, rows, 0).map(
+            lambda elem, _: elem)
 
     def finish(images, masks, luts, labels):
         if device_finish:

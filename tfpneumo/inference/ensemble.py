@@ -8,7 +8,7 @@ in, probability maps at the prediction size and the original pixels out.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,7 @@ class Predictor:
     clahe: bool  # as the cache the networks were trained on
     run: Any  # ensemble_predictor(...)
     max_dicom_mib: float = MAX_DICOM_MIB  # config data.max_dicom_mib
+    nets: list[keras.Model] = field(default_factory=list)  # for predict --explain (Grad-CAM)
 
     def predict(self, items: Sequence[tuple[str, Path]]) -> Iterator[Prediction]:
         """Predictions for (id, DICOM path) items, in order; one batch in memory at a time
@@ -157,7 +158,8 @@ def predictor(cfg: Config, *, folds: runs.FoldSpec = "all", weights: str = "auto
     cache = find_cache_info(cfg.data.cache)
     clahe = cache.clahe if cache is not None else cfg.prepare.clahe
     return Predictor(files, size, batch_size, hflip, scales, clahe,
-                     ensemble_predictor(nets, hflip=hflip, scales=scales), cfg.data.max_dicom_mib)
+                     ensemble_predictor(nets, hflip=hflip, scales=scales), cfg.data.max_dicom_mib,
+                     nets)
 
 
 def check_options(size: int, batch_size: int | None, scales: Sequence[float]) -> None:

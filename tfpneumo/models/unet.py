@@ -355,6 +355,8 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 1)) -> ke
     for layer in model.layers:  # sm's 0.99 needs thousands of steps; short runs want less
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = cfg.bn_momentum
+            # read at call time: the moments are all-reduced over the replicas in training
+            layer.synchronized = cfg.sync_batchnorm
     return model
 
 

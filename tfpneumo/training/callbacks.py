@@ -50,10 +50,11 @@ class RunState(keras.callbacks.Callback):
     complete state in place, so at most the running epoch is lost. Also keeps the k best
     checkpoints by validation Dice, ``best.weights.h5``, and ``history.csv``.
 
-    A NaN or infinite loss stops training without saving that epoch.
+    An epoch in which ``guard`` (:class:`NaNGuard`) saw a NaN or infinite loss is not saved.
     """
 
-    def __init__(self, run_dir: Path, thresholds, top_k: int, trainer, swa=None):
+    def __init__(self, run_dir: Path, thresholds, top_k: int, trainer, swa=None,
+                 guard: NaNGuard | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.state_dir = self.run_dir / runs.STATE
@@ -65,8 +66,7 @@ class RunState(keras.callbacks.Callback):
         self.history: list[dict] = []
         self.top: list[dict] = []  # [{"epoch", "score", "path"}], best first
         self.completed_epochs = 0
-        self.nan_at: tuple[int, int] | None = None
-        self._epoch = 0
+        self.guard = guard
 
     # -- persistence ---------------------------------------------------------------------
     def load(self) -> bool:
@@ -124,21 +124,9 @@ class RunState(keras.callbacks.Callback):
             writer.writerows(self.history)
 
     # -- keras hooks ---------------------------------------------------------------------
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.nan_at = (self._epoch, batch)
-            self.model.stop_training = True
-
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
-        if self.nan_at is not None or not all(
-                math.isfinite(float(v)) for k, v in logs.items() if "loss" in k):
-            self.nan_at = self.nan_at or (epoch, -1)
-            self.model.stop_training = True
+        if self.guard is not None and self.guard.nan_at is not None:
             return
         score = score_from_logs(logs, self.thresholds)
         row = {"epoch": epoch + 1, "val_dice": score}
@@ -165,6 +153,35 @@ class RunState(keras.callbacks.Callback):
         self.top = keep
         best = self.ckpt_dir / keep[0]["path"]
         write_bytes(self.run_dir / runs.BEST_WEIGHTS, best.read_bytes())
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stops training at a NaN or infinite loss (a step's, or an epoch's loss logs).
+
+    Every worker of a multi-worker run has one: the logs are all-reduced, so all of them stop
+    at the same step, as the collective ops of the next step would otherwise wait forever.
+    ``nan_at``: (epoch, batch) of the first bad loss, batch -1 for an epoch's logs.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.nan_at: tuple[int, int] | None = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.nan_at is None:
+            self.nan_at = (self._epoch, batch)
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.nan_at is None and not all(
+                math.isfinite(float(v)) for k, v in (logs or {}).items() if "loss" in k):
+            self.nan_at = (epoch, -1)
+            self.model.stop_training = True
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -194,7 +211,11 @@ class ImagePanels(keras.callbacks.Callback):
             return
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
-        pred = self.model.predict(self.images, verbose=0)["mask"]
+        # The network called directly, not predict(): under a multi-worker strategy only the
+        # chief has this callback, and predict's collectives would wait for the others.
+        pred = np.concatenate([keras.ops.convert_to_numpy(
+            self.model.net(self.images[i:i + 4], training=False)["mask"])
+            for i in range(0, len(self.images), 4)])
         xray = np.asarray(self.images, np.float32) / 255.0
         panel = np.concatenate([xray, self.masks, np.asarray(pred, np.float32)], axis=2)
         with self._writer.as_default():

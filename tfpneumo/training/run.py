@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,14 @@ from tfpneumo.tfimport import quiet_tensorflow
 tf = quiet_tensorflow()
 import keras  # noqa: E402
 
-from tfpneumo.training.callbacks import ImagePanels, LearningRateLogger, NaNLossError, RunState, write_weights  # noqa: E402
+from tfpneumo.training.callbacks import (  # noqa: E402
+    ImagePanels,
+    LearningRateLogger,
+    NaNGuard,
+    NaNLossError,
+    RunState,
+    write_weights,
+)
 from tfpneumo.training.trainer import Runtime, Trainer, build_optimizer, resolve_runtime  # noqa: E402
 
 # A run "learned" when its network beats predicting every image empty by this much (Dice).
@@ -47,12 +54,15 @@ def learning_verdict(best_oof_dice: float, empty: float) -> str | None:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """The ``result.json`` of each trained fold, in fold order."""
+    """The ``result.json`` of each trained fold, in fold order; ``as_worker``: the folds this
+    process trained as a worker other than the chief (the chief reports them)."""
 
     folds: list[dict]
+    as_worker: list[dict] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = []
+        lines = [f"fold {r['fold']}: trained as worker {r['worker']}; the chief (worker 0) "
+                 f"wrote {r['run_dir']}" for r in self.as_worker]
         for r in self.folds:
             lines.append(f"fold {r['fold']}: best val Dice {r['best_val_dice']:.4f}, out-of-fold "
                          f"{r.get('best_oof_dice', float('nan')):.4f} ({r.get('oof_model', '?')}; "
@@ -75,27 +85,41 @@ def train(cfg: Config, folds: runs.FoldSpec = "all", workdir: Path = Path(".")) 
 
     results = []
     augments = [stage_cfg.augment for _, stage_cfg in cfg.stage_configs()]
+    # Once per process: a MultiWorkerMirroredStrategy cannot be made twice.
+    runtime = resolve_runtime(cfg.train)
     with input_service(cfg.data.service, augments) as service:
         if service:
             print(f"input: tf.data service {service} ({cfg.data.service})", file=sys.stderr)
         for k in folds:
-            results.append(train_fold(cfg, k, workdir, service=service))
-    return TrainResult(results)
+            results.append(train_fold(cfg, k, workdir, service=service, runtime=runtime))
+    return TrainResult([r for r in results if "best_val_dice" in r],
+                       [r for r in results if "best_val_dice" not in r])
 
 
-def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str | None = None) -> dict:
+def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str | None = None,
+               runtime: Runtime | None = None) -> dict:
     """Trains one fold through every stage; ``service``: a tf.data service dispatcher address
-    (from :func:`tfpneumo.data.service.input_service`) that makes the training batches."""
+    (from :func:`tfpneumo.data.service.input_service`) that makes the training batches.
+
+    Of the processes of a multi-worker run only the chief reads and writes the run folder;
+    the others train in a temporary folder of their own, removed at the end, and get what
+    the chief read (finished or not, the epoch to resume from, the weights) through
+    collectives (:mod:`tfpneumo.training.loop`), so the machines need no shared disk."""
+    runtime = runtime or resolve_runtime(cfg.train)
     run_dir = runs.fold_dir(cfg.experiment, fold, workdir)
+    if not runtime.is_chief:
+        return _train_fold_worker(cfg, fold, run_dir, service, runtime)
     result_path = run_dir / runs.RESULT
-    if result_path.exists():
+    if _chief_says(runtime, result_path.exists()):
         return json.loads(result_path.read_text())
     # Two runs of one fold would both train and leave a folder mixed from both.
     with runs.locked_folder(run_dir, f"train fold {fold}"):
-        if result_path.exists():  # the other run finished while this one waited to start
+        if _chief_says(runtime, result_path.exists()):  # the other run finished meanwhile
             return json.loads(result_path.read_text())
         try:
-            return _train_fold_locked(cfg, fold, run_dir, service)
+            result = _train_fold_locked(cfg, fold, run_dir, service, runtime)
+            _chief_says(runtime, True)  # the others wait: a worker leaving early alarms the chief
+            return result
         except OSError as e:
             if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
                 raise
@@ -105,12 +129,33 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
                                 f"free space and rerun to resume") from None
 
 
-def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | None) -> dict:
+def _chief_says(runtime: Runtime, fact: bool | int) -> int:
+    """The chief's ``fact`` on every worker (a collective; as given with one worker)."""
+    from tfpneumo.training.loop import chief_values
+
+    return int(chief_values(runtime.strategy, runtime.workers, [float(fact)])[0])
+
+
+def _train_fold_worker(cfg: Config, fold: int, run_dir: Path, service: str | None,
+                       runtime: Runtime) -> dict:
+    """A worker other than the chief: the same collectives as the chief, in a temporary folder."""
+    import tempfile
+
+    if _chief_says(runtime, False) or _chief_says(runtime, False):  # the chief's two checks
+        return {"fold": fold, "worker": runtime.worker_index, "run_dir": str(run_dir)}
+    with tempfile.TemporaryDirectory(prefix=f"tfpneumo-worker{runtime.worker_index}-") as tmp:
+        print(f"fold {fold}: worker {runtime.worker_index} of {runtime.workers}; the chief "
+              f"writes {run_dir}, this worker only {tmp} (removed at the end)", file=sys.stderr)
+        _train_fold_locked(cfg, fold, Path(tmp), service, runtime)
+        _chief_says(runtime, True)  # until the chief has written the fold's results
+    return {"fold": fold, "worker": runtime.worker_index, "run_dir": str(run_dir)}
+
+
+def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | None,
+                       runtime: Runtime) -> dict:
     result_path = run_dir / runs.RESULT
-    _check_same_config(cfg, run_dir)
-    runtime = resolve_runtime(cfg.train)
-    if runtime.strategy_name == "multi_worker":
-        raise TfpneumoError(compat.MULTI_WORKER_FIT)
+    if runtime.is_chief:
+        _check_same_config(cfg, run_dir)
     stages = cfg.stage_configs()
     first_dir = run_dir if len(stages) == 1 else run_dir / runs.STAGES / stages[0][0]
     fresh = not (first_dir / runs.STATE / "state.json").exists() and not (
@@ -118,7 +163,7 @@ def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | Non
     for i, (_, stage_cfg) in enumerate(stages):
         # Only a fresh first stage loads model.encoder_weights (later ones and a resumed one
         # start from a weights file of the run).
-        check_inputs(stage_cfg, runtime, encoder=i == 0 and fresh)
+        check_inputs(stage_cfg, runtime, encoder=i == 0 and fresh and runtime.is_chief)
     print(f"fold {fold}: {runtime.describe()}", file=sys.stderr)
     previous: Path | None = None
     result: dict = {}
@@ -131,6 +176,8 @@ def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | Non
             for artefact in runs.FOLD_ARTEFACTS:
                 if (stage_dir / artefact).exists():
                     shutil.copy2(stage_dir / artefact, run_dir / artefact)
+    if not runtime.is_chief:
+        return result
     result = {**result, "run_dir": str(run_dir), "stages": [n for n, _ in stages]}
     write_json(result_path, result)
     return result
@@ -176,17 +223,20 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
 
     Nothing is written before the network is built and the data found (then ``on_start()``
     is called and the stage's ``config.yaml`` written): a stage that cannot start leaves no
-    trace that would refuse the corrected rerun."""
+    trace that would refuse the corrected rerun. Under a multi-worker strategy every worker
+    runs this; the chief alone reads the run state and the weights file, then shares them."""
     from tfpneumo.data.pipeline import eval_dataset, train_dataset
     from tfpneumo.models.unet import build_model, encoder_layers, set_encoder_trainable
+    from tfpneumo.training import loop
     from tfpneumo.training.losses import build_losses
     from tfpneumo.training.metrics import KaggleDice
     from tfpneumo.training.schedules import build_schedule
     from tfpneumo.training.swa import SWA
 
+    chief = runtime.is_chief
     done = stage_dir / runs.STAGE_RESULT
-    if done.exists():
-        return json.loads(done.read_text())
+    if _chief_says(runtime, done.exists()):
+        return json.loads(done.read_text()) if chief else {}
     check_inputs(cfg, runtime, encoder=False)  # build_model loads (and checks) the weights
     keras.utils.set_random_seed(cfg.seed + fold)
     keras.mixed_precision.set_global_policy(runtime.precision)
@@ -195,30 +245,36 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
 
     resuming = (stage_dir / runs.STATE / "state.json").exists()
     model_cfg = cfg.model
-    if resuming or init_weights is not None:
+    if resuming or init_weights is not None or not chief:
         from dataclasses import replace as dc_replace
 
-        model_cfg = dc_replace(model_cfg, encoder_weights="none")  # weights come from a file
+        # weights come from a file of the run (or, on the other workers, from the chief)
+        model_cfg = dc_replace(model_cfg, encoder_weights="none")
 
     _, steps = train_dataset(cache, fold, cfg, epochs=epochs,
                              steps_per_epoch=tcfg.steps_per_epoch or None, seed=cfg.seed + fold)
     val_ds = eval_dataset(cache, fold, cfg, split="val")
     size, val_side = cfg.data.image_size, read_cache_info(cache).size
-    if cfg.data.crop == "resize" and size != val_side:
-        val_side = size
+    resize = cfg.data.crop == "resize" and size != val_side
+    if resize:
         # Trained on whole images resized to image_size: validate at that scale too (with
         # random_crop the scale is the cache's, and validation runs at full cached size).
-        val_ds = val_ds.map(lambda b: {
-            **b, "image": tf.image.resize(b["image"], [size, size], antialias=True),
-            "mask": tf.image.resize(b["mask"], [size, size], method="nearest")})
+        val_side = size
+        val_ds = _resized(val_ds, size)
     # Masks under min_area pixels count as empty (as the competition's top solutions did):
     # a false positive on an empty image costs a whole point.
     min_area = int(round(tcfg.val_min_area * val_side ** 2))
-    val_xy = val_ds.map(lambda b: (b["image"], {"mask": b["mask"], "label": b["label"]}))
+    per_replica = max(1, cfg.data.batch_size // runtime.replicas)
+
+    def val_input(_context):
+        # The whole fold on every worker, split over its replicas (see loop.fit).
+        ds = eval_dataset(cache, fold, cfg, split="val", batch_size=per_replica)
+        ds = _resized(ds, size) if resize else ds
+        return ds.map(lambda b: (b["image"], {"mask": b["mask"], "label": b["label"]}))
 
     with runtime.strategy.scope():
         net = build_model(model_cfg)
-        if init_weights is not None:
+        if init_weights is not None and chief:
             net.load_weights(init_weights)
         trainer = Trainer(net, accumulation_steps=cfg.optimizer.accumulation_steps,
                           gated_thresholds=tcfg.val_thresholds)
@@ -226,6 +282,10 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
         encoder_paths = {v.path for layer in encoder_layers(net) for v in layer.weights}
         optimizer = build_optimizer(cfg, schedule, encoder_paths, runtime.precision)
         losses, loss_weights = build_losses(cfg.loss)
+        rows = per_replica // cfg.optimizer.accumulation_steps
+        example = (np.zeros((rows, size, size, 1), np.float32),
+                   {"mask": np.zeros((rows, size, size, 1), np.float32),
+                    "label": np.zeros((rows, 1), np.float32)})
 
         def compile_trainer() -> None:
             trainer.compile(
@@ -234,49 +294,61 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
                                   for t in tcfg.val_thresholds],
                          "label": [keras.metrics.AUC(name="auc")]},
                 jit_compile=runtime.jit_compile)
+            # The loss and metric variables, made here in the cross-replica context (fit's
+            # own symbolic build; strategy.run cannot create them).
+            compat.symbolic_build(trainer, example)
 
         compile_trainer()
         optimizer.build(trainer.trainable_variables)  # every variable, frozen or not
 
     swa = SWA(start_epoch=epochs - tcfg.swa_epochs) if tcfg.swa_epochs else None
-    state = RunState(stage_dir, tcfg.val_thresholds, tcfg.top_k, trainer, swa=swa)
-    state.load()
-    start = state.completed_epochs
+    guard = NaNGuard()
+    state = RunState(stage_dir, tcfg.val_thresholds, tcfg.top_k, trainer, swa=swa, guard=guard)
+    if chief:
+        state.load()
+    start = _chief_says(runtime, state.completed_epochs)
+    loop.share_chief_variables(runtime.strategy, runtime.workers,
+                               [*net.weights, *optimizer.variables])
     # The stage starts: from here its folder records the config it trains with.
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if on_start is not None:
+    if on_start is not None and chief:
         on_start()
     dump_config(cfg, stage_dir / runs.CONFIG)
     if start:
         print(f"resuming {stage_dir} after epoch {start}", file=sys.stderr)
 
-    callbacks = [LearningRateLogger()]
-    if swa is not None:
-        callbacks.append(swa)
-    callbacks.append(state)
-    board = stage_dir / runs.TENSORBOARD
-    callbacks.append(keras.callbacks.TensorBoard(str(board), write_graph=False,
-                                                 update_freq="epoch", profile_batch=0))
-    if tcfg.tensorboard_images:
-        images, masks = _panel_examples(val_ds, tcfg.tensorboard_images)
-        callbacks.append(ImagePanels(board / "images", images, masks))
+    # Every worker: what decides when to stop; the chief: what writes.
+    callbacks = [LearningRateLogger(), guard]
+    if chief:
+        callbacks += [swa] if swa is not None else []
+        callbacks.append(state)
+        board = stage_dir / runs.TENSORBOARD
+        callbacks.append(keras.callbacks.TensorBoard(str(board), write_graph=False,
+                                                     update_freq="epoch", profile_batch=0))
+        if tcfg.tensorboard_images:
+            images, masks = _panel_examples(val_ds, tcfg.tensorboard_images)
+            callbacks.append(ImagePanels(board / "images", images, masks))
 
     freeze = tcfg.freeze_encoder_epochs
     phases = [(s, e, frozen) for s, e, frozen in ((start, min(freeze, epochs), True),
                                                   (max(start, freeze), epochs, False)) if s < e]
-    verbose = 1 if sys.stdout.isatty() else 2
+    verbose = 0 if not chief else 1 if sys.stdout.isatty() else 2
     t0 = time.time()
     for phase_start, phase_end, frozen in phases:
         set_encoder_trainable(net, not frozen)
         with runtime.strategy.scope():
             compile_trainer()
-        train_ds, _ = train_dataset(cache, fold, cfg, epochs=epochs,
-                                    steps_per_epoch=tcfg.steps_per_epoch or None,
-                                    seed=cfg.seed + fold, initial_epoch=phase_start, service=service,
-                                    device_finish=True)
+
+        def train_input(context, phase_start=phase_start):
+            return train_dataset(cache, fold, cfg, epochs=epochs,
+                                 steps_per_epoch=tcfg.steps_per_epoch or None,
+                                 seed=cfg.seed + fold, initial_epoch=phase_start,
+                                 service=service, device_finish=True, input_context=context)[0]
+
         try:
-            trainer.fit(train_ds, epochs=phase_end, initial_epoch=phase_start, steps_per_epoch=steps,
-                        validation_data=val_xy, callbacks=callbacks, verbose=verbose)
+            loop.fit(trainer, runtime.strategy, train_input, val_input, epochs=phase_end,
+                     initial_epoch=phase_start, steps_per_epoch=steps, callbacks=callbacks,
+                     verbose=verbose, jit_compile=runtime.jit_compile)
         except tf.errors.OpError as e:
             if service and "tfpneumo_heavy_" in str(e):  # token of augment.register_heavy
                 raise TfpneumoError(
@@ -284,15 +356,35 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
                     "settings than this config's (elastic/grid/optical/CLAHE); start `tfpneumo "
                     "data-worker` with the same --config and --set") from None
             raise
-        if state.nan_at is not None:
-            epoch, batch = state.nan_at
+        if guard.nan_at is not None:
+            epoch, batch = guard.nan_at
             good = (f"last good state: epoch {state.completed_epochs} in {stage_dir / runs.STATE}"
                     if state.completed_epochs else "no completed epoch to keep")
             raise NaNLossError(f"loss became NaN/inf in epoch {epoch + 1}"
                                f"{f' batch {batch + 1}' if batch >= 0 else ''}; training stopped "
                                f"({good}); lower optimizer.lr or use float32")
     set_encoder_trainable(net, True)
+    if not chief:
+        return {}
+    if runtime.workers > 1:
+        # The chief finishes alone: on a copy outside the strategy, whose collectives would
+        # wait for workers that are done.
+        net = _plain_copy(net)
     return _finish_stage(cfg, fold, stage_dir, net, state, swa, val_ds, train_secs=time.time() - t0)
+
+
+def _resized(ds, size: int):
+    return ds.map(lambda b: {
+        **b, "image": tf.image.resize(b["image"], [size, size], antialias=True),
+        "mask": tf.image.resize(b["mask"], [size, size], method="nearest")})
+
+
+def _plain_copy(net):
+    """``net`` rebuilt outside any tf.distribute strategy, with its weights."""
+    with tf.distribute.get_strategy().scope():
+        plain = keras.models.clone_model(net)
+    plain.set_weights(net.get_weights())
+    return plain
 
 
 def _panel_examples(val_ds, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,9 +30,17 @@ class Runtime:
     precision: str  # float32 | mixed_float16 | mixed_bfloat16
     jit_compile: bool
     replicas: int
+    workers: int = 1  # processes (machines) training together
+    worker_index: int = 0  # this process's place among them; 0 is the chief
+
+    @property
+    def is_chief(self) -> bool:
+        """The one process that writes the run folder."""
+        return self.worker_index == 0
 
     def describe(self) -> str:
-        return (f"{self.strategy_name} x{self.replicas}, {self.precision}, "
+        where = f", worker {self.worker_index} of {self.workers}" if self.workers > 1 else ""
+        return (f"{self.strategy_name} x{self.replicas}{where}, {self.precision}, "
                 f"XLA {'on' if self.jit_compile else 'off'}")
 
 
@@ -72,8 +80,10 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     # MultiWorkerMirroredStrategy fails ("Collective ops must be configured at program startup").
     gpus = tf.config.list_physical_devices("GPU")
     kind = choose_strategy_name(cfg, len(gpus), os.environ.get("TF_CONFIG"))
+    workers, worker_index = 1, 0
     if kind == "multi_worker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        workers, worker_index = _worker_place(strategy.cluster_resolver)
     gpus = tf.config.list_logical_devices("GPU")
     tpus = tf.config.list_logical_devices("TPU")
     if kind == "mirrored":
@@ -90,7 +100,20 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
         jit = kind == "one_device" and bool(gpus)
     else:
         jit = cfg.jit_compile == "on"
-    return Runtime(strategy, kind, precision, jit, strategy.num_replicas_in_sync)
+    return Runtime(strategy, kind, precision, jit, strategy.num_replicas_in_sync, workers,
+                   worker_index)
+
+
+def _worker_place(resolver) -> tuple[int, int]:
+    """(processes in the cluster, this one's index with the chief first) from TF_CONFIG: a
+    ``chief`` task when the cluster names one, else worker 0, as TensorFlow counts them."""
+    cluster = resolver.cluster_spec().as_dict()
+    chiefs, workers = len(cluster.get("chief", [])), len(cluster.get("worker", []))
+    task, index = resolver.task_type, int(resolver.task_id or 0)
+    if task not in ("chief", "worker"):
+        raise TfpneumoError(f"environment variable TF_CONFIG: task type {task!r} does not "
+                            "train; use 'worker' (or 'chief')")
+    return chiefs + workers, index if task == "chief" else chiefs + index
 
 
 # ----------------------------------------------------------------------------- optimizer

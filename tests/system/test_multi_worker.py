@@ -1,0 +1,202 @@
+"""``tfpneumo train`` on several machines: two worker processes on 127.0.0.1 (one CPU device
+each, MultiWorkerMirroredStrategy through ``--workers``) against MirroredStrategy over two
+logical CPUs in one process and against one device with the same global batch.
+
+Oracles: the run states of the other strategies, trained on the same cache with the same seed
+(the weights after the last epoch, BatchNorm statistics and optimizer moments included), and
+for the kill test the epoch count, the optimizer's step counter and the run folder of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+THIS = Path(__file__).resolve()
+TESTS_DIR = THIS.parents[1]
+TIMEOUT = 300  # seconds for one launch (about 60-90 s on 2 shared cores)
+
+sys.path.insert(0, str(TESTS_DIR))
+from system.test_scaleout import free_ports  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def config_file(folder: Path, cache: Path, epochs: int, steps: int) -> Path:
+    """A tiny run: resnet18 with thin decoder, 64 px, global batch 4, no augmentation, and
+    synchronized BatchNorm so that one device and two replicas compute the same statistics."""
+    cfg = {
+        "experiment": "run", "seed": 3,
+        "data": {"cache": str(cache), "image_size": 64, "batch_size": 4, "shuffle_buffer": 16},
+        "augment": {"hflip": 0.0, "color_p": 0.0, "affine_p": 0.0},
+        "model": {"encoder": "resnet18", "encoder_weights": "none",
+                  "decoder_filters": [16, 8, 8, 8, 8], "sync_batchnorm": True,
+                  "skip_dropout": 0.0, "head_dropout": 0.0},
+        "optimizer": {"lr": 0.001, "warmup_epochs": 0.0},
+        "train": {"epochs": epochs, "steps_per_epoch": steps, "swa_epochs": 0, "top_k": 1,
+                  "tensorboard_images": 0, "val_thresholds": [0.5]},
+    }
+    path = folder / f"tiny-{epochs}x{steps}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    from factories import COUNTS, write_shards
+
+    folder = tmp_path_factory.mktemp("mw-cache") / "cache"
+    write_shards(folder, COUNTS)
+    return folder
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    # One thread per op: the float sums inside an op then run in one order in every process
+    # (a thread pool splits them by its size), so the strategies can agree to the last bit.
+    out.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", TF_NUM_INTRAOP_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), out.get("PYTHONPATH", "")]))
+    out.update(extra)
+    return out
+
+
+def launch_workers(config: Path, experiment: str, cwd: Path, ports: list[int]):
+    workers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    return [subprocess.Popen(
+        [sys.executable, "-m", "tfpneumo.cli", "train", "--config", str(config), "--fold", "0",
+         "--set", f"experiment={experiment}", "--workers", workers, "--worker-index", str(i)],
+        cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(len(ports))]
+
+
+def finish(procs, timeout: float = TIMEOUT) -> list[tuple[int, str, str]]:
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return out
+
+
+def final_state(run: Path) -> dict[str, np.ndarray]:
+    state = json.loads((run / "state" / "state.json").read_text())
+    with np.load(run / "state" / state["arrays"]) as z:
+        return {k: z[k] for k in z.files}
+
+
+def max_differences(a: dict, b: dict, prefix: str) -> list[float]:
+    keys = sorted(k for k in a if k.startswith(prefix))
+    assert keys and keys == sorted(k for k in b if k.startswith(prefix))
+    return [float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)), initial=0.0))
+            for k in keys]
+
+
+SAME_PROCESS = """
+import sys
+from pathlib import Path
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tfpneumo.config import load_config
+from tfpneumo.training.run import train
+config, work = sys.argv[1], Path(sys.argv[2])
+for strategy in ("mirrored", "one_device"):
+    cfg = load_config(config, [f"experiment={strategy}", f"train.strategy={strategy}"])
+    print(strategy, train(cfg, [0], work).folds[0]["epochs"])
+"""
+
+
+def test_two_machines_train_like_two_gpus_and_like_one_device(cache, tmp_path):
+    config = config_file(tmp_path, cache, epochs=1, steps=1)
+    script = tmp_path / "same_process.py"
+    script.write_text(SAME_PROCESS)
+    workers = launch_workers(config, "two_machines", tmp_path, free_ports(2))
+    local = subprocess.Popen([sys.executable, str(script), str(config), str(tmp_path)],
+                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = finish([*workers, local])
+    for i, (code, _, err) in enumerate(results):
+        assert code == 0, f"process {i} failed:\n{err[-3000:]}"
+    (_, chief_out, chief_err), (_, worker_out, worker_err), _ = results
+    assert "multi_worker x2, worker 0 of 2" in chief_err
+    assert "trained as worker 1" in worker_out
+
+    runs = tmp_path / "runs"
+    two, mirrored, one = (runs / name / "fold_0" for name in ("two_machines", "mirrored",
+                                                              "one_device"))
+    # Only the chief wrote: the run folder holds what a one-machine run holds, nothing more,
+    # and the other worker's temporary folder is gone.
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in mirrored.iterdir())
+    scratch = re.search(r"this worker only (\S+)", worker_err).group(1)
+    assert not Path(scratch).exists()
+    assert json.loads((two / "result.json").read_text())["epochs"] == 1
+
+    a, b, c = final_state(two), final_state(mirrored), final_state(one)
+    # One optimizer step, compared through the weights and Adam's first moments (0.1 x the
+    # all-reduced gradient). Two processes = one process with two replicas: the same rows of
+    # the same global batch on each replica, all-reduced gradients and BatchNorm moments; only
+    # oneDNN's float order inside the convolutions differs (measured: weights 4.9e-7 apart
+    # after the step of 1e-3, moments 2.4e-9). Later Adam steps amplify such differences
+    # where a gradient is near 0, which is why one step is compared.
+    report = {pair: (max(max_differences(x, y, "net_")), max(max_differences(x, y, "opt_")))
+              for pair, (x, y) in {"two/mirrored": (a, b), "two/one": (a, c)}.items()}
+    print(report)
+    assert report["two/mirrored"][0] < 5e-6 and report["two/mirrored"][1] < 5e-8, report
+    # = one device with the global batch of 4: synchronized BatchNorm sees the same 4 images.
+    assert report["two/one"][0] < 5e-5 and report["two/one"][1] < 1e-6, report
+    assert int(a["n_net"]) == int(c["n_net"])
+
+
+def test_killed_worker_and_relaunch_resume_from_the_last_epoch(cache, tmp_path):
+    config = config_file(tmp_path, cache, epochs=3, steps=3)
+    ports = free_ports(2)
+    run = tmp_path / "runs" / "killed" / "fold_0"
+    procs = launch_workers(config, "killed", tmp_path, ports)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (run / "state" / "state.json").exists():
+            assert all(p.poll() is None for p in procs), "a worker ended before epoch 1 was saved"
+            assert time.time() < deadline, f"no epoch completed in {TIMEOUT} s"
+            time.sleep(0.2)
+        time.sleep(0.5)  # inside the second epoch
+        os.kill(procs[1].pid, signal.SIGKILL)
+        # The chief's next collective fails once the coordination service misses the worker's
+        # heartbeats; it exits with an error (or is stopped here if it waits too long).
+        try:
+            procs[0].wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            procs[0].kill()
+    finally:
+        finish(procs, timeout=30)
+    state = json.loads((run / "state" / "state.json").read_text())
+    assert state["completed_epochs"] == 1
+    assert not (run / "result.json").exists()
+
+    results = finish(launch_workers(config, "killed", tmp_path, ports))
+    for i, (code, _, err) in enumerate(results):
+        assert code == 0, f"relaunched worker {i} failed:\n{err[-3000:]}"
+    assert "resuming" in results[0][2] and "after epoch 1" in results[0][2]
+    assert "Epoch 1/3" not in results[0][1] and "Epoch 2/3" in results[0][1]
+    rows = (run / "history.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
+    assert json.loads((run / "result.json").read_text())["epochs"] == 3
+    final = final_state(run)
+    counters = [int(final[k]) for k in final if k.startswith("opt_") and final[k].shape == ()
+                and final[k].dtype.kind == "i"]
+    assert max(counters) == 9  # 3 epochs x 3 steps: the schedule continued where it stopped
+    assert not (run / ".lock").exists()
