@@ -179,7 +179,10 @@ def test_export_bad_inputs_are_one_line_errors(tmp_path):
              "--input-size: only for --format litert (saved_model takes any H and W)"),
             ({"fmt": "litert", "quantize": "int4"},
              "--quantize int4: expected one of none, float16, dynamic"),
-            ({"fmt": "onnx", "quantize": "float16"}, "--quantize float16: only for --format litert")):
+            ({"fmt": "onnx", "quantize": "float16"}, "--quantize float16: only for --format litert"),
+            ({"fmt": "litert", "scales": (0.75, 1.0)},
+             "--scales 0.75,1: --format litert cannot shrink for TTA (no builtin antialiased "
+             "resize); use scales >= 1 or --format saved_model")):
         with pytest.raises(TfpneumoError) as e:
             export(cfg, out=tmp_path / "m", rule=rule, workdir=tmp_path, **options)
         assert str(e.value) == message

@@ -80,8 +80,8 @@ def _import_litert_interpreter():
     return Interpreter
 
 
-def check_export_options(fmt: str, input_size: Sequence[int] | None, quantize: str
-                         ) -> tuple[int, int] | None:
+def check_export_options(fmt: str, input_size: Sequence[int] | None, quantize: str,
+                         scales: Sequence[float] = (1.0,)) -> tuple[int, int] | None:
     """One-line errors for the format options; returns the fixed input size (H, W) of LiteRT
     (``LITERT_INPUT_SIZE`` when ``input_size`` is None), None for the other formats."""
     if fmt not in FORMATS:
@@ -94,6 +94,13 @@ def check_export_options(fmt: str, input_size: Sequence[int] | None, quantize: s
         if quantize != "none":
             raise TfpneumoError(f"--quantize {quantize}: only for --format litert")
         return None
+    shrinking = [s for s in scales if float(s) < 1.0]
+    if shrinking:
+        # predict_tta shrinks with an antialiased resize (ScaleAndTranslate): no LiteRT
+        # builtin, and the pip runtime has no TensorFlow ops (SELECT_TF_OPS)
+        raise TfpneumoError(f"--scales {','.join(f'{float(s):g}' for s in scales)}: --format "
+                            "litert cannot shrink for TTA (no builtin antialiased resize); use "
+                            "scales >= 1 or --format saved_model")
     if input_size is None:
         return LITERT_INPUT_SIZE
     sides = tuple(input_size)
@@ -443,7 +450,7 @@ def export(cfg: Config, *, out: Path, fmt: str = "saved_model", folds: runs.Fold
     :func:`tfpneumo.inference.pictures.predict`. Bad options raise one line before any network
     is loaded."""
     start = time.perf_counter()
-    input_size = check_export_options(fmt, input_size, quantize)
+    input_size = check_export_options(fmt, input_size, quantize, scales)
     if fmt == "onnx":
         _import_tf2onnx()
     if fmt == "litert":
