@@ -54,7 +54,6 @@ def predictions_of(cfg, files, workdir, hflip: bool = True):
     return list(predictor(cfg, size=SIZE, hflip=hflip, workdir=workdir).predict(dicom_items(files)))
 
 
-
 @pytest.fixture(scope="module")
 def real_run(siim_mini, tmp_path_factory):
     """One tiny run and predict's predictions, shared by the equivalence tests: two real test
@@ -67,6 +66,7 @@ def real_run(siim_mini, tmp_path_factory):
                            dicom16=workdir / "16bit.dcm",
                            predictions=predictions_of(cfg, [*files, workdir / "16bit.dcm"],
                                                       workdir))
+
 
 # Runs in a fresh Python: only TensorFlow and the exported folder, no tfpneumo network code.
 SERVE = """
