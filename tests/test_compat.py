@@ -7,6 +7,8 @@ The two-replica cases are ``test_upstream_*`` in tests/training/test_trainer.py.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,56 @@ def test_weights_h5_bytes_is_the_file_save_weights_writes(tf, tmp_path):
     other = tiny()
     other.load_weights(tmp_path / "mem.weights.h5")
     assert all(np.array_equal(a, b) for a, b in zip(other.get_weights(), net.get_weights(), strict=True))
+
+
+def _two_signatures_of_a_dense_layer(tf):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    net = keras.Model(inputs, keras.layers.Dense(4)(inputs))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    def first(x):
+        return {"y": net(x, training=False)}
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    def second(x):
+        return {"y": net(x + 1.0, training=False)}
+
+    return net, first, second
+
+
+def _first_in_litert(tf, functions, trackable):
+    from ai_edge_litert.interpreter import Interpreter
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [f.get_concrete_function() for f in functions], trackable)
+    runner = Interpreter(model_content=converter.convert()).get_signature_runner("first")
+    return runner(x=np.ones((1, 4), np.float32))["y"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
+                    reason="ai-edge-litert not installed")
+def test_upstream_litert_leaves_keras_variables_of_two_signatures_unset(tf):
+    """TensorFlow 2.21's converter, ai-edge-litert 2.3. When this fails (LiteRT computes the
+    layer), tfpneumo.inference.export can convert serving[...] as they are and drop
+    compat.with_constants."""
+    net, first, second = _two_signatures_of_a_dense_layer(tf)
+    expected = first(np.ones((1, 4), np.float32))["y"].numpy()
+    holder = tf.Module()
+    holder.net = net  # tracked, so that the converter can save the functions
+    got = _first_in_litert(tf, [first, second], holder)
+    assert not np.allclose(got, expected, atol=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
+                    reason="ai-edge-litert not installed")
+def test_with_constants_gives_litert_the_weights(tf):
+    from tfpneumo.compat import with_constants
+
+    net, first, second = _two_signatures_of_a_dense_layer(tf)
+    expected = first(np.ones((1, 4), np.float32))["y"].numpy()
+    frozen = [with_constants(first), with_constants(second)]
+    assert [f.__name__ for f in frozen] == ["first", "second"]
+    np.testing.assert_allclose(_first_in_litert(tf, frozen, tf.Module()), expected, atol=1e-6)

@@ -228,23 +228,31 @@ def export(
     out: Annotated[Path, typer.Option(help="New (or empty) folder for the exported model.")],
     config: ConfigOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="saved_model (TensorFlow SavedModel with "
-                                     "a serving_default signature) | onnx (model.onnx; needs "
-                                     "tfpneumo[export]).")] = "saved_model",
+                                     "serving_default and serving_uint16 signatures) | onnx "
+                                     "(model.onnx) | litert (model.tflite); onnx and litert "
+                                     "need tfpneumo[export].")] = "saved_model",
     folds: FoldsOpt = "all", weights: WeightsOpt = "auto",
     size: Annotated[int | None, typer.Option(
         help="Prediction size in pixels inside the graph (default: the training size).")] = None,
+    input_size: Annotated[tuple[int, int] | None, typer.Option(
+        metavar="H W", help="litert only: the fixed input size, batch 1 (default 1024 1024, "
+        "the SIIM DICOMs').")] = None,
+    quantize: Annotated[str, typer.Option(
+        help="litert only: none (float32) | float16 (float16 weights) | dynamic (int8 "
+        "weights).")] = "none",
     rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
     label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
     set_: SetOpt = None,
 ) -> None:
-    """One self-contained model of the fold ensemble, TTA and rule (uint8 images in)."""
+    """One self-contained model of the fold ensemble, TTA and rule (uint8 or uint16 images in)."""
     quiet_tensorflow()
     from tfpneumo.inference.export import export as run_export
 
     cfg = load_config(config, set_ or [])
     typer.echo(run_export(cfg, out=out, fmt=fmt, folds=grammar.parse_folds(folds),
                           weights=weights, size=size, hflip=hflip,
-                          scales=grammar.parse_scales(scales),
+                          scales=grammar.parse_scales(scales), input_size=input_size,
+                          quantize=quantize,
                           rule=_rule(rule, top, min_area, bottom, label_threshold)))
 
 

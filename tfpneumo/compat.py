@@ -31,6 +31,10 @@ entry                                 why
                                       loss and metric variables before ``strategy.run`` (our
                                       loop replaces ``fit``, which fails under
                                       MultiWorkerMirroredStrategy, keras-team/keras#20585)
+:func:`with_constants`                ``TFLiteConverter.from_concrete_functions`` with two or
+                                      more signatures leaves Keras 3 variables as resource
+                                      variables that LiteRT never sets (garbage or NaN out);
+                                      private ``convert_variables_to_constants_v2`` freezes
 ====================================  =========================================================
 
 Two more live in the train step (``tfpneumo.training.trainer.Trainer``) because they are
@@ -115,6 +119,26 @@ def weights_h5_bytes(model) -> bytes:
     finally:
         store.close()
     return buffer.getvalue()
+
+
+def with_constants(function):
+    """``function`` (a ``tf.function`` with an input signature) with every variable it reads
+    made a constant (``tensorflow.python.framework.convert_to_constants``), its outputs
+    structured as before and its name kept (``from_concrete_functions`` names a .tflite
+    signature after its function)."""
+    import functools
+
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    concrete = function.get_concrete_function()
+    frozen = convert_variables_to_constants_v2(concrete)  # returns flat outputs
+
+    @functools.wraps(function.python_function)  # same name, same argument names
+    def call(*args):
+        return tf.nest.pack_sequence_as(concrete.structured_outputs, frozen(*args))
+
+    return tf.function(call, input_signature=function.input_signature)
 
 
 def service_worker_count(dispatcher) -> int:
