@@ -56,6 +56,23 @@ def test_private_apis_are_still_there(tf):
     assert float(compat.unscale_loss_for_distribution(tf.constant(2.0))) == 2.0  # no strategy
     assert compat.keras_home().name  # a folder, ~/.keras unless KERAS_HOME says otherwise
     assert set(compat.sm_keras_modules(sm)) == {"backend", "layers", "models", "utils"}
+    assert callable(getattr(keras.Model, "_symbolic_build", None))
+
+
+def test_symbolic_build_makes_the_compiled_metric_variables(tf):
+    """What the training loop needs before strategy.run: the loss and metric state built."""
+    import keras
+    import numpy as np
+
+    from tfpneumo import compat
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(inputs))
+    model.compile(optimizer="sgd", loss="mse", metrics=[keras.metrics.MeanAbsoluteError()])
+    assert not model.compiled_metrics.built
+    compat.symbolic_build(model, (np.zeros((2, 4), np.float32), np.zeros((2, 1), np.float32)))
+    assert model.compiled_metrics.built and model.compiled_loss.built
+    assert {v.name for v in model.metrics_variables} >= {"total", "count"}
 
 
 def test_register_py_func_makes_a_stable_token_callable(tf):
