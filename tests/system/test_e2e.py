@@ -1,14 +1,12 @@
 """End to end through the real CLI: the demo (synth -> prepare -> train -> evaluate -> submit ->
-predict), learning over the untrained model, the run folder, and kill -9 during training."""
+predict), learning over the untrained model and the run folder. (kill -9 and SIGTERM during
+training, and the resumed run: tests/system/test_multi_worker.py, through the same loop.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -132,49 +130,3 @@ def test_weights_other_than_auto_use_their_own_rule(demo_workdir: Path):
     r = run_cli("submit", *common, "topk.csv", "--weights", "topk", cwd=demo_workdir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "evaluation_topk.json" in r.stdout and "topk.keras" in r.stdout
-
-
-@pytest.mark.slow
-def test_kill_during_second_epoch_then_resume(demo_workdir: Path):
-    args = ["train", "--config", str(DEMO), "--fold", "1", "--set", "experiment=killed",
-            "--set", "train.epochs=3", "--set", "train.steps_per_epoch=8",
-            "--set", "train.swa_epochs=0", "--set", "train.tensorboard_images=0"]
-    run = demo_workdir / "runs" / "killed" / "fold_1"
-    proc = subprocess.Popen([sys.executable, "-m", "tfpneumo.cli", *args], cwd=demo_workdir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not (run / "state" / "state.json").exists():
-            assert proc.poll() is None, "training ended before its first epoch was saved"
-            assert time.time() < deadline, "no epoch completed in 300 s"
-            time.sleep(0.2)
-        time.sleep(1.0)  # well inside the second epoch
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    state = json.loads((run / "state" / "state.json").read_text())
-    assert state["completed_epochs"] == 1
-    assert (run / ".lock").exists()  # left by the killed run: stale, the rerun takes it over
-    saved_iterations = _optimizer_iterations(run)
-    assert saved_iterations == 8
-
-    r = run_cli(*args, cwd=demo_workdir)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming" in r.stderr and "after epoch 1" in r.stderr
-    assert "Epoch 1/3" not in r.stdout and "Epoch 2/3" in r.stdout
-    rows = (run / "history.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
-    assert _optimizer_iterations(run) == 24  # the schedule continued where it stopped
-    assert not (run / ".lock").exists()
-
-
-def _optimizer_iterations(run: Path) -> int:
-    """The optimizer's step counter stored in the run state (the LR position)."""
-    state = json.loads((run / "state" / "state.json").read_text())
-    with np.load(run / "state" / state["arrays"]) as arrays:
-        scalars = [int(arrays[k]) for k in arrays.files
-                   if k.startswith("opt_") and arrays[k].shape == () and arrays[k].dtype.kind == "i"]
-    assert scalars, "no integer optimizer variable (iterations) in the state"
-    return max(scalars)

@@ -114,7 +114,7 @@ def max_differences(a: dict, b: dict, prefix: str) -> list[float]:
     return out
 
 
-MIRRORED = """
+LOCAL = """
 import sys
 from pathlib import Path
 import tensorflow as tf
@@ -122,27 +122,25 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from tfpneumo.config import load_config
 from tfpneumo.training.run import train
-cfg = load_config(sys.argv[1], ["experiment=mirrored", "train.strategy=mirrored"])
-print(train(cfg, [0], Path(sys.argv[2])))
+for strategy in ("mirrored", "one_device"):
+    cfg = load_config(sys.argv[1], [f"experiment={strategy}", f"train.strategy={strategy}"])
+    print(train(cfg, [0], Path(sys.argv[2])))
 """
 
 
 def test_two_machines_train_like_two_gpus_and_like_one_device(cache, tmp_path):
     config = config_file(tmp_path, cache, epochs=1, steps=1)
-    script = tmp_path / "mirrored.py"
-    script.write_text(MIRRORED)
+    script = tmp_path / "local.py"
+    script.write_text(LOCAL)
     workers = launch_workers(config, "two_machines", tmp_path, free_ports(2))
-    mirrored = subprocess.Popen([sys.executable, str(script), str(config), str(tmp_path)],
-                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    one = subprocess.Popen(
-        [sys.executable, "-m", "tfpneumo.cli", "train", "--config", str(config), "--fold", "0",
-         "--set", "experiment=one_device", "--set", "train.strategy=one_device"],
-        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = finish([*workers, mirrored, one])
+    # MirroredStrategy over 2 logical CPUs, then one device, in one process (measured: the
+    # same figures as each in a process of its own)
+    local = subprocess.Popen([sys.executable, str(script), str(config), str(tmp_path)],
+                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = finish([*workers, local])
     for i, (code, _, err) in enumerate(results):
         assert code == 0, f"process {i} failed:\n{err[-3000:]}"
-    (_, chief_out, chief_err), (_, worker_out, worker_err), _, _ = results
+    (_, chief_out, chief_err), (_, worker_out, worker_err), _ = results
     assert "multi_worker x2, worker 0 of 2" in chief_err
     assert "trained as worker 1" in worker_out
 
@@ -187,7 +185,7 @@ def wait_for_epochs(run: Path, n: int, procs) -> None:
 
 
 def test_killed_or_preempted_worker_and_relaunch_resume(cache, tmp_path):
-    """kill -9 of a worker mid-epoch: the relaunch resumes from the last completed epoch;
+    """kill -9 of the chief mid-epoch: the relaunch resumes from the last completed epoch;
     SIGTERM to a worker (a preemption notice): every worker stops after the same step, the
     chief saves that step first, and the relaunch resumes from it. The run ends as an
     uninterrupted one: 3 epochs, 3 x 4 optimizer steps, a complete run folder."""
@@ -199,18 +197,20 @@ def test_killed_or_preempted_worker_and_relaunch_resume(cache, tmp_path):
     try:
         wait_for_epochs(run, 1, procs)
         time.sleep(0.3)  # inside the second epoch
-        os.kill(procs[1].pid, signal.SIGKILL)
-        # The chief's next collective fails once the coordination service misses the worker's
-        # heartbeats; it exits with an error (or is stopped here if it waits too long).
+        os.kill(procs[0].pid, signal.SIGKILL)  # the chief, holding the run folder's lock
+        # The other worker's next collective fails once it misses the chief's heartbeats; it
+        # exits with an error (or is stopped here if it waits too long).
         try:
-            procs[0].wait(timeout=120)
+            procs[1].wait(timeout=120)
         except subprocess.TimeoutExpired:
-            procs[0].kill()
+            procs[1].kill()
     finally:
         finish(procs, timeout=30)
     state = json.loads((run / "state" / "state.json").read_text())
     assert state["completed_epochs"] == 1 and "steps_into_epoch" not in state
+    assert optimizer_steps(run) == 4
     assert not (run / "result.json").exists()
+    assert (run / ".lock").exists()  # left by the killed chief: stale, the relaunch takes it
 
     procs = launch_workers(config, "killed", tmp_path, ports)
     try:
@@ -220,6 +220,7 @@ def test_killed_or_preempted_worker_and_relaunch_resume(cache, tmp_path):
     finally:
         finish(procs, timeout=30)
     assert "resuming" in preempted[0][2] and "after epoch 1" in preempted[0][2]
+    assert "Epoch 1/3" not in preempted[0][1] and "Epoch 2/3" in preempted[0][1]
     for code, _, err in preempted:  # both stopped on their own, with the same message
         assert code == 1 and "stopped by SIGTERM in epoch 3 after step" in err, err[-2000:]
     state = json.loads((run / "state" / "state.json").read_text())

@@ -1,11 +1,12 @@
 """Scale-out on TensorFlow's own engines: the tf.data service (local dispatcher, worker
-processes) and MultiWorkerMirroredStrategy (two worker processes on 127.0.0.1).
+processes). Training on several machines (MultiWorkerMirroredStrategy, two worker processes on
+127.0.0.1) is tests/system/test_multi_worker.py.
 
 Each test runs its TensorFlow work in child processes started from this file
 (``python tests/test_scaleout.py <mode> ...``): a strategy or a service needs a fresh runtime,
 and a hung gRPC peer must not hang pytest, so every child is bounded by a timeout and killed on
-failure. Oracles: the ids of a finite dataset (each exactly once per epoch), the fold layout of a
-hand-made cache (validation ids never appear), and the weights of the other worker.
+failure. Oracles: the ids of a finite dataset (each exactly once per epoch) and the fold layout
+of a hand-made cache (validation ids never appear).
 """
 
 from __future__ import annotations
@@ -225,128 +226,6 @@ def test_input_service_specs():
         assert address == "grpc://10.0.0.2:5050"
 
 
-# ----------------------------------------------------------------------------- multi-worker
-
-STEPS = 3
-GLOBAL_BATCH = 4
-SIZE = 32
-
-
-def small_net():
-    """``image (B, S, S, 3) -> {"mask": (B, S, S, 1), "label": (B, 1)}`` with one BatchNorm.
-
-    Small so that two workers trace and train in seconds on two shared cores; build_model
-    (resnet18, 32 px) behaves the same but takes ~50 s here.
-    """
-    import keras
-
-    image = keras.Input((SIZE, SIZE, 3), name="image")
-    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="enc_conv")(image)
-    h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="enc_bn")(h))
-    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="down")(h)
-    m = keras.layers.UpSampling2D(name="up")(h)
-    m = keras.layers.Conv2D(1, 3, padding="same", name="dec_conv")(m)
-    mask = keras.layers.Activation("sigmoid", dtype="float32", name="mask")(m)
-    logit = keras.layers.Dense(1, name="head")(keras.layers.GlobalAveragePooling2D()(h))
-    label = keras.layers.Activation("sigmoid", dtype="float32", name="label")(logit)
-    return keras.Model(image, {"mask": mask, "label": label}, name="small")
-
-
-def _child_multi_worker(out: Path, index: int) -> None:
-    """One worker of a 2-worker MultiWorkerMirroredStrategy: a few steps of the project's
-    Trainer, loss and optimizer; initial and final trainable weights to .npz."""
-    from tfpneumo.tfimport import quiet_tensorflow
-
-    tf = quiet_tensorflow()
-    import keras
-
-    from tfpneumo.config import Config, LossConfig
-    from tfpneumo.training.losses import build_losses
-    from tfpneumo.training.trainer import Trainer, build_optimizer
-
-    # Built directly: resolve_runtime lists logical devices first, which initialises the eager
-    # context, and MultiWorkerMirroredStrategy then fails ("Collective ops must be configured
-    # at program startup").
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    assert strategy.num_replicas_in_sync == 2
-    # Deterministic data, the same on both workers; each feeds its half of every global batch.
-    rng = np.random.default_rng(0)
-    n = STEPS * GLOBAL_BATCH
-    x = rng.normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)
-    mask = np.zeros((n, SIZE, SIZE, 1), np.float32)
-    mask[::2, 8:20, 6:18] = 1.0
-    label = mask.max(axis=(1, 2))
-    half = GLOBAL_BATCH // 2
-    mine = [slice(s * GLOBAL_BATCH + index * half, s * GLOBAL_BATCH + (index + 1) * half)
-            for s in range(STEPS)]
-
-    # Different seeds per worker: equal initial weights then prove the strategy's broadcast.
-    keras.utils.set_random_seed(100 + index)
-    with strategy.scope():
-        net = small_net()
-        trainer = Trainer(net)
-        losses, weights = build_losses(LossConfig())
-        optimizer = build_optimizer(Config(), 1e-2, set(), "float32")  # LayerwiseAdamW
-        trainer.compile(optimizer=optimizer, loss=losses, loss_weights=weights,
-                        jit_compile=False)
-        # Build the compiled loss, metrics and optimizer here (cross-replica context), as
-        # Keras' own symbolic build would.
-        x0, y0 = x[mine[0]], {"mask": mask[mine[0]], "label": label[mine[0]]}
-        y_pred = trainer(x0)
-        trainer.compute_loss(x=x0, y=y0, y_pred=y_pred)
-        trainer.compute_metrics(x0, y0, y_pred)
-        optimizer.build(trainer.trainable_variables)
-    initial = [np.array(w) for w in net.trainable_weights]
-
-    # The Trainer's own train_step run by the strategy. Not fit/train_on_batch: Keras 3.15's TF
-    # trainer fails under MultiWorkerMirroredStrategy -- fit reduces the first (dict) batch
-    # with strategy.reduce (keras-team/keras#20585, #20329), and every step reduces its scalar
-    # metrics with strategy.reduce("MEAN", v, axis=0) ("Invalid reduction dimension 0").
-    @tf.function
-    def step(xb, yb):
-        logs = strategy.run(trainer.train_step, args=((xb, yb),))
-        return strategy.reduce("SUM", logs["loss"], axis=None)
-
-    losses_seen = []
-    for rows in mine:
-        loss = step(tf.constant(x[rows]), {"mask": tf.constant(mask[rows]),
-                                           "label": tf.constant(label[rows])})
-        losses_seen.append(float(loss))
-    final = [np.array(w) for w in net.trainable_weights]
-    np.savez(out / f"worker{index}.npz", *final)
-    np.savez(out / f"worker{index}_initial.npz", *initial)
-    (out / f"worker{index}.json").write_text(json.dumps({"loss": losses_seen}))
-
-
-def test_multi_worker_mirrored_two_processes_agree(tmp_path):
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    envs = [child_env(TF_CONFIG=json.dumps({"cluster": cluster,
-                                            "task": {"type": "worker", "index": i}}))
-            for i in range(2)]
-    cmds = [[sys.executable, str(THIS), "multi_worker", str(tmp_path), str(i)] for i in range(2)]
-    run_children(cmds, envs)
-
-    def load(name: str) -> list[np.ndarray]:
-        with np.load(tmp_path / name) as z:
-            return [z[f"arr_{i}"] for i in range(len(z.files))]
-
-    w0, w1 = load("worker0.npz"), load("worker1.npz")
-    i0, i1 = load("worker0_initial.npz"), load("worker1_initial.npz")
-    assert len(w0) == len(w1) == len(i0) > 0
-    for a, b in zip(i0, i1, strict=True):  # seeds differed: worker 0's values were broadcast
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(w0, w1, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    # Every trainable tensor moved (Adam steps of ~lr on each; none is frozen or unused).
-    assert all(not np.allclose(a, b) for a, b in zip(w0, i0, strict=True))
-    # Only trainable weights are compared: Keras' BatchNormalization moving statistics are
-    # per-worker (aggregation "none"; each worker averages its own half batches) and do differ
-    # between workers unless the layers use synchronized=True.
-    losses = [json.loads((tmp_path / f"worker{i}.json").read_text())["loss"] for i in range(2)]
-    assert all(np.isfinite(v).all() for v in losses)
-
-
 # ----------------------------------------------------------------------------- child entry
 
 if __name__ == "__main__":
@@ -355,7 +234,5 @@ if __name__ == "__main__":
         _child_service(Path(args[0]), Path(args[1]))
     elif mode == "heavy":
         _child_heavy_service(Path(args[0]), Path(args[1]))
-    elif mode == "multi_worker":
-        _child_multi_worker(Path(args[0]), int(args[1]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
