@@ -68,7 +68,7 @@ def test_unetpp_nested_nodes_and_their_inputs(unetpp):
     assert not any(layer.name.startswith("decoder_stage") for layer in model.layers)
 
 
-def test_unetpp_shapes_and_one_training_step(keras, unet, unetpp):
+def test_unetpp_shapes_and_one_training_step(tf, keras, unet, unetpp):
     sub = keras.Model(unetpp.inputs, [unetpp.get_layer(f"decoder_x{i}_{4 - i}_conv2_relu").output
                                       for i in range(4)])
     for i, value in enumerate(sub(images(1, 64), training=False)):
@@ -79,16 +79,21 @@ def test_unetpp_shapes_and_one_training_step(keras, unet, unetpp):
 
     from tfpneumo.training.losses import build_losses
 
+    # one eager step (a compiled train_on_batch spends ~20 s tracing this graph on 2 cores)
     model = unet.build_model(ModelConfig(encoder="resnet18", encoder_weights="none",
                                          decoder="unetpp", decoder_filters=(32, 16, 16, 8, 8)))
     losses, weights = build_losses(LossConfig(), from_logits=False)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses, loss_weights=weights)
     mask = np.zeros((2, 64, 64, 1), np.float32)
     mask[0, 10:30, 20:40] = 1
     y = {"mask": mask, "label": np.array([[1.0], [0.0]], np.float32)}
     before = model.get_layer("decoder_x1_2_conv1").kernel.numpy()
-    logs = model.train_on_batch(images(2, 64), y, return_dict=True)
-    assert all(np.isfinite(v) for v in logs.values()) and logs["loss"] > 0
+    with tf.GradientTape() as tape:
+        out = model(images(2, 64), training=True)
+        loss = sum(weights[k] * losses[k](y[k], out[k]) for k in ("mask", "label"))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
+    keras.optimizers.Adam(1e-3).apply_gradients(zip(grads, model.trainable_variables))
     assert not np.array_equal(model.get_layer("decoder_x1_2_conv1").kernel.numpy(), before)
 
 
@@ -124,9 +129,10 @@ def test_group_norm_in_the_decoder_only(keras, unet):
     assert layer.epsilon == 1e-3  # Keras' default
     want = np.maximum(np_group_norm(conv, gamma, beta, 8, 1e-3), 0.0)
     np.testing.assert_allclose(relu, want, rtol=1e-4, atol=1e-4)
-    # no batch statistics: training and inference modes agree
-    again = np.asarray(probe(images(2, 64), training=False)[1])
-    np.testing.assert_allclose(again, relu, rtol=1e-5, atol=1e-5)
+    # no moving statistics: the layer gives the same in training and inference mode (the
+    # block as a whole does not: SpatialDropout2D precedes the conv)
+    np.testing.assert_array_equal(np.asarray(layer(conv, training=False)),
+                                  np.asarray(layer(conv, training=True)))
 
 
 def test_group_norm_with_unetpp_builds_and_runs(unet, keras):
