@@ -93,7 +93,7 @@ def test_unetpp_shapes_and_one_training_step(tf, keras, unet, unetpp):
     grads = tape.gradient(loss, model.trainable_variables)
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
-    keras.optimizers.Adam(1e-3).apply_gradients(zip(grads, model.trainable_variables))
+    keras.optimizers.Adam(1e-3).apply_gradients(zip(grads, model.trainable_variables, strict=True))
     assert not np.array_equal(model.get_layer("decoder_x1_2_conv1").kernel.numpy(), before)
 
 

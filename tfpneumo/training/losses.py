@@ -731,7 +731,8 @@ def build_losses(cfg: LossConfig, from_logits: bool = True,
 
     ``loss["mask"]`` is the ``cfg.mask`` loss (a combo is a :class:`WeightedSum` without its
     zero-weight terms, divided by their number when ``cfg.reduce`` is mean), plus
-    ``cfg.boundary_weight`` times :class:`BoundaryLoss` when that is > 0, wrapped in :class:`PositivesOnly` when ``cfg.mask_positives_only``;
+    ``cfg.boundary_weight`` times :class:`BoundaryLoss` when that is > 0, wrapped in
+    :class:`PositivesOnly` when ``cfg.mask_positives_only``;
     ``loss["label"]`` is plain BCE on every image; the weights are ``cfg.mask_weight`` and
     ``cfg.label_weight``.
     """
