@@ -135,13 +135,26 @@ def test_group_norm_in_the_decoder_only(keras, unet):
                                   np.asarray(layer(conv, training=True)))
 
 
-def test_group_norm_with_unetpp_builds_and_runs(unet, keras):
-    model = unet.build_model(ModelConfig(encoder="resnet18", encoder_weights="none", norm="group",
-                                         decoder="unetpp", decoder_filters=(32, 16, 16, 8, 8)))
+def test_group_norm_unetpp_under_mixed_precision_saves_and_loads(keras, unet, tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = unet.build_model(ModelConfig(encoder="resnet18", encoder_weights="none",
+                                             norm="group", decoder="unetpp",
+                                             decoder_filters=(32, 16, 16, 8, 8)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     gn = [layer for layer in model.layers if isinstance(layer, keras.layers.GroupNormalization)]
-    assert len(gn) == 2 * (10 + 1)
-    out = model.predict(images(1, 64), verbose=0)
-    assert out["mask"].shape == (1, 64, 64, 1) and np.all(np.isfinite(out["mask"]))
+    assert len(gn) == 2 * (10 + 1) and all(layer.compute_dtype == "float16" for layer in gn)
+    x = images(1, 64)
+    out = model(x, training=False)
+    assert out["mask"].dtype == "float32" and out["mask"].shape == (1, 64, 64, 1)
+    assert np.all(np.isfinite(np.asarray(out["mask"])))
+    path = tmp_path / "unetpp_gn.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    again = loaded(x, training=False)
+    for key in ("mask", "label"):
+        np.testing.assert_array_equal(np.asarray(again[key]), np.asarray(out[key]))
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -931,6 +931,24 @@ def test_ohem_per_class_and_rescaled_against_numpy(ratio):
     assert f(L.OHEMBCELoss(rescale=True, per_class=True)(t, t)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_ohem_variants_trace_under_xla_and_dynamic_shapes_and_round_trip():
+    t, p = random_batch(34, batch=3, size=10)
+    spec = tf.TensorSpec((None, None, None, 1), tf.float32)
+    for loss in (L.OHEMBCELoss(0.2, per_class=True), L.OHEMBCELoss(0.2, rescale=True),
+                 L.OHEMBCELoss(0.2, per_class=True, rescale=True, from_logits=True)):
+        probs = np_logit(p).astype(np.float32) if loss.from_logits else p
+        eager = f(loss.call(t, probs))
+        fns = [tf.function(loss.call, input_signature=[spec, spec])]
+        if loss.per_class and loss.rescale:  # XLA once: each compile costs ~1 s here
+            fns.append(tf.function(loss.call, jit_compile=True))
+        for fn in fns:
+            np.testing.assert_allclose(f(fn(t, probs)), eager, rtol=1e-5)
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(loss), safe_mode=True)
+        assert (restored.per_class, restored.rescale) == (loss.per_class, loss.rescale)
+        np.testing.assert_allclose(f(restored.call(t, probs)), eager, rtol=1e-6)
+
+
 def test_reduce_mean_is_the_sum_over_the_number_of_terms():
     t, p = random_batch(33)
     for extra, n in (({}, 3), ({"combo_lovasz": 0.5}, 4), ({"combo_focal": 0.0}, 2)):
