@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 import tfpneumo  # noqa: F401  (sets SM_FRAMEWORK before segmentation_models is imported)
+from tfpneumo import TfpneumoError
 from tfpneumo.config import ConfigError, LossConfig, ModelConfig, load_config
 
 # Encoder levels as the UNet++ paper numbers them: X^{i,0} at 1/2^(i+1) of the input; the
 # taps of sm's resnet18 (x2 relu0, x4, x8, x16) and its bottleneck (x32, 512 channels).
 TAPS = {0: "relu0", 1: "stage2_unit1_relu1", 2: "stage3_unit1_relu1", 3: "stage4_unit1_relu1",
         4: "relu1"}
+CHANNELS = (64, 64, 128, 256, 512)  # of those five (He et al. 2016, basic blocks)
 FILTERS = (256, 128, 64, 32, 16)  # decoder_filters: x16, x8, x4, x2, x1
 
 
@@ -39,8 +41,11 @@ def unetpp(unet):
                                         decoder="unetpp", attention="none"))
 
 
-def test_unetpp_nested_nodes_and_their_inputs(unetpp):
+def test_unetpp_nested_nodes_and_their_inputs(unet, unetpp):
     model = unetpp
+
+    def channels(i, j):
+        return CHANNELS[i] if j == 0 else FILTERS[3 - i]
 
     def node_output(i, j):
         name = TAPS[i] if j == 0 else f"decoder_x{i}_{j}_conv2_relu"
@@ -61,11 +66,19 @@ def test_unetpp_nested_nodes_and_their_inputs(unetpp):
                 assert inputs[k + 1] is node_output(i, k), (i, j, k)
             out = node_output(i, j)
             assert tuple(out.shape[1:]) == (None, None, FILTERS[3 - i])
+            # input channels: the upsampled node below, the tap, the j - 1 earlier nodes
+            cin = channels(i + 1, j - 1) + CHANNELS[i] + (j - 1) * FILTERS[3 - i]
+            assert model.get_layer(f"decoder_x{i}_{j}_conv1").kernel.shape == (3, 3, cin,
+                                                                                FILTERS[3 - i])
     # X^{0,4} -> the final x1 block (no skip) -> mask; the head stays on the bottleneck
     assert model.get_layer("decoder_final_upsample").input is node_output(0, 4)
     assert model.get_layer("mask_logits").input is model.get_layer("decoder_final_conv2_relu").output
     assert model.get_layer("cls_head_avgpool").input is model.get_layer("relu1").output
     assert not any(layer.name.startswith("decoder_stage") for layer in model.layers)
+    # the encoder is found as before (freezing, encoder weights): no decoder layer in it
+    encoder = {layer.name for layer in unet.encoder_layers(model)}
+    assert "relu1" in encoder and not any(n.startswith(("decoder", "cls_head", "mask"))
+                                          for n in encoder)
 
 
 def test_unetpp_shapes_and_one_training_step(tf, keras, unet, unetpp):
@@ -162,9 +175,13 @@ def test_group_norm_unetpp_under_mixed_precision_saves_and_loads(keras, unet, tm
     (["model.norm=instance"], "model.norm"),
     (["model.norm=group", "model.decoder_filters=[256, 128, 64, 32, 12]"], "model.norm"),
 ])
-def test_variant_model_keys_are_validated(overrides, key):
+def test_variant_model_keys_are_validated(unet, overrides, key):
     with pytest.raises(ConfigError, match=rf"^config key {key.replace('.', '[.]')}: ") as e:
         load_config(None, overrides)
     assert "\n" not in str(e.value)
     cfg = load_config(None, ["model.decoder=unetpp", "model.norm=group"]).model
     assert (cfg.decoder, cfg.norm) == ("unetpp", "group")
+    # a ModelConfig made in code is not validated: build_model refuses it, before any weights
+    for bad in ({"decoder": "fpn"}, {"norm": "layer"}):
+        with pytest.raises(TfpneumoError, match=f"model.{next(iter(bad))}: "):
+            unet.build_model(ModelConfig(encoder_weights="imagenet", **bad))

@@ -355,6 +355,11 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 1)) -> ke
                                 "(the encoder downsamples 5 times)")
     if len(cfg.decoder_filters) != len(taps) + 1:
         raise TfpneumoError(f"model.decoder_filters: expected {len(taps) + 1} values")
+    decoder = {"unet": _unet_decoder, "unetpp": _unetpp_decoder}.get(cfg.decoder)
+    if decoder is None:
+        raise TfpneumoError(f"model.decoder: {cfg.decoder!r} is not one of ['unet', 'unetpp']")
+    if cfg.norm not in ("batch", "group"):
+        raise TfpneumoError(f"model.norm: {cfg.norm!r} is not one of ['batch', 'group']")
 
     from tfpneumo.models.layers import GreyPixels
 
@@ -380,9 +385,6 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 1)) -> ke
     x = backbone.get_layer(ENCODER_OUTPUT).output
     label = _head(x, cfg)
     skips = [backbone.get_layer(name).output for name in taps]
-    decoder = {"unet": _unet_decoder, "unetpp": _unetpp_decoder}.get(cfg.decoder)
-    if decoder is None:
-        raise TfpneumoError(f"model.decoder: {cfg.decoder!r} is not one of ['unet', 'unetpp']")
     x = decoder(x, skips, cfg)
     prior = math.log(cfg.mask_prior / (1.0 - cfg.mask_prior))
     x = layers.Conv2D(1, 1, name="mask_logits",
