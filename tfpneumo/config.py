@@ -172,6 +172,9 @@ class AugmentConfig:
                                    self.optical_distortion_p, self.clahe_p))
 
 
+GROUP_NORM_GROUPS = 8  # model.norm: group (the seed pipeline's GroupNorm, g = 8)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     encoder: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
@@ -191,6 +194,11 @@ class ModelConfig:
     # BatchNorm statistics over the whole global batch (all replicas of all workers) instead of
     # each replica's share: at 1024 px a GPU holds 1-2 images, too few for batch statistics.
     sync_batchnorm: bool = False
+    # unetpp: UNet++ nested dense skips (Zhou et al. 2018) on the same encoder, head and outputs.
+    decoder: Literal["unet", "unetpp"] = "unet"
+    # Normalisation of the decoder's conv blocks. The encoder keeps sm's BatchNorm either way:
+    # its ImageNet weights are BatchNorm statistics, which a GroupNorm has no place for.
+    norm: Literal["batch", "group"] = "batch"
 
     def validate(self, prefix: str) -> None:
         _check(0.0 < self.bn_momentum < 1.0, prefix, "bn_momentum", "must be in (0, 1)")
@@ -201,6 +209,8 @@ class ModelConfig:
         _check(0.0 <= self.head_dropout < 1.0, prefix, "head_dropout", "must be in [0, 1)")
         _check(bool(self.encoder_weights), prefix, "encoder_weights",
                "must be imagenet, none or a path to a .h5 weights file")
+        _check(self.norm != "group" or all(f % GROUP_NORM_GROUPS == 0 for f in self.decoder_filters),
+               prefix, "norm", f"group needs decoder_filters divisible by {GROUP_NORM_GROUPS}")
 
 
 # The mask losses build_losses knows (tfpneumo.training.losses.MASK_KINDS reads them from here)
@@ -226,10 +236,20 @@ class LossConfig:
     mask_positives_only: bool = True
     mask_weight: float = 1.0
     label_weight: float = 0.5
+    # sum: the combo's terms as weighted (sum w_i L_i); mean: that sum over the number of terms.
+    reduce: Literal["sum", "mean"] = "sum"
+    # Boundary loss (Kervadec et al. 2019), mean of p * signed distance to the truth's boundary,
+    # added to the mask loss with this weight: a fixed weight (the paper's per-epoch ramp would
+    # need the epoch inside the loss; train.stages can step it).
+    boundary_weight: float = 0.0
+    # ohem_bce: OHEM on the truth's positive and negative pixels separately, each keeping at least
+    # the smaller class's pixel count; ohem_rescale: scaled to the plain BCE's value.
+    ohem_per_class: bool = False
+    ohem_rescale: bool = False
 
     def validate(self, prefix: str) -> None:
         for name in ("combo_bce", "combo_dice", "combo_focal", "combo_lovasz", "mask_weight",
-                     "label_weight", "log_dice_gamma", "focal_gamma"):
+                     "label_weight", "log_dice_gamma", "focal_gamma", "boundary_weight"):
             _check(getattr(self, name) >= 0.0, prefix, name, "must be >= 0")
         _check(self.focal_alpha is None or 0.0 <= self.focal_alpha <= 1.0, prefix, "focal_alpha",
                "must be in [0, 1], or null for no alpha weighting")
@@ -241,6 +261,9 @@ class LossConfig:
         _check(0.0 < self.ohem_ratio <= 1.0, prefix, "ohem_ratio", "must be in (0, 1]")
         _check(self.mask != "combo" or self.combo_bce + self.combo_dice + self.combo_focal
                + self.combo_lovasz > 0, prefix, "combo_bce", "combo needs a positive weight")
+        for name in ("ohem_per_class", "ohem_rescale"):  # would be silently ignored otherwise
+            _check(not getattr(self, name) or self.mask == "ohem_bce", prefix, name,
+                   "applies to mask: ohem_bce only")
 
 
 @dataclass(frozen=True)

@@ -772,3 +772,214 @@ def test_recipe_loss_forms_trace_under_xla_and_dynamic_shapes():
     dynamic = tf.function(lambda a, b: loss(a, b), input_signature=[spec, spec])(t, z)
     for got in (xla, dynamic):
         assert f(got) == pytest.approx(eager, rel=1e-5)
+
+
+# ----------------------------------------------------------------- variants (issue 15)
+# Boundary loss: Kervadec et al.'s signed distance (their one_hot2dist: edt(neg) * neg -
+# (edt(pos) - 1) * pos), here from scipy's exact EDT, an implementation independent of ours.
+
+def np_signed_distance(t):
+    from scipy.ndimage import distance_transform_edt
+
+    out = []
+    for image in t.reshape(t.shape[:3]).astype(bool):
+        if image.any() and not image.all():
+            pos, neg = image, ~image
+            out.append(distance_transform_edt(neg) * neg - (distance_transform_edt(pos) - 1) * pos)
+        else:  # no boundary
+            out.append(np.zeros(image.shape))
+    return np.array(out)
+
+
+def np_boundary(t, p):
+    return np.mean((p.reshape(t.shape[:3]).astype(np.float64) * np_signed_distance(t))
+                   .reshape(len(t), -1), axis=1)
+
+
+R2 = math.sqrt(2)
+SQUARE = np.zeros((1, 5, 5, 1), np.float32)
+SQUARE[0, 1:4, 1:4] = 1
+SQUARE_PHI = np.array([[R2, 1, 1, 1, R2],   # outside: distance to the nearest mask pixel
+                       [1, 0, 0, 0, 1],     # border pixels of the mask: 1 - 1 = 0
+                       [1, 0, -1, 0, 1],    # centre: 1 - (distance 2 to the background)
+                       [1, 0, 0, 0, 1],
+                       [R2, 1, 1, 1, R2]])
+
+
+def test_boundary_loss_hand_worked():
+    # 1D: truth [0 0 1 1 1 0]; phi = [2, 1, 0, -1, 0, 1] by hand
+    t = np.array([0, 0, 1, 1, 1, 0], np.float32).reshape(1, 1, 6, 1)
+    p = np.array([0.1, 0.2, 0.9, 0.8, 0.7, 0.3], np.float32).reshape(1, 1, 6, 1)
+    np.testing.assert_allclose(f(L.signed_distance(t))[0, 0], [2, 1, 0, -1, 0, 1], atol=1e-6)
+    want = (0.1 * 2 + 0.2 * 1 + 0.9 * 0 - 0.8 * 1 + 0.7 * 0 + 0.3 * 1) / 6   # -0.1 / 6
+    assert f(L.BoundaryLoss()(t, p)) == pytest.approx(want, rel=1e-6)
+    # 2D: a 3x3 square in a 5x5 image, diagonal corners at sqrt(2)
+    np.testing.assert_allclose(f(L.signed_distance(SQUARE))[0], SQUARE_PHI, atol=1e-6)
+    q = np.random.default_rng(0).uniform(size=SQUARE.shape).astype(np.float32)
+    want = np.mean(q[0, :, :, 0] * SQUARE_PHI)
+    assert f(L.BoundaryLoss()(SQUARE, q)) == pytest.approx(want, rel=1e-6)
+    z = np_logit(q).astype(np.float32)  # from logits: the same on sigmoid(z)
+    assert f(L.BoundaryLoss(from_logits=True)(SQUARE, z)) == pytest.approx(want, rel=1e-5)
+    # empty and full truths have no boundary: 0
+    for t in (np.zeros_like(SQUARE), np.ones_like(SQUARE)):
+        assert f(L.BoundaryLoss()(t, q)) == 0.0
+
+
+def test_boundary_loss_against_scipy_edt_graph_and_xla():
+    rng = np.random.default_rng(3)
+    t = np.zeros((4, 13, 17, 1), np.float32)
+    t[0, 2:6, 3:12] = 1
+    t[0, 9, 15] = 1                                 # two components
+    t[2] = rng.uniform(size=(13, 17, 1)) > 0.7      # scattered pixels
+    t[3] = 1
+    t[3, 0, 0] = 0                                  # one background pixel
+    p = rng.uniform(size=t.shape).astype(np.float32)  # image 1 is empty
+    np.testing.assert_allclose(f(L.signed_distance(t)), np_signed_distance(t), rtol=1e-6, atol=1e-5)
+    want = np_boundary(t, p)
+    loss = L.BoundaryLoss()
+    np.testing.assert_allclose(f(loss.call(t, p)), want, rtol=1e-5, atol=1e-7)
+    spec = tf.TensorSpec((None, None, None, 1), tf.float32)
+    for fn in (tf.function(loss.call, jit_compile=True),
+               tf.function(loss.call, input_signature=[spec, spec])):
+        np.testing.assert_allclose(f(fn(t, p)), want, rtol=1e-5, atol=1e-7)
+    # the gradient w.r.t. p is the distance map / pixels (the map is a constant)
+    var = tf.Variable(p)
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(loss.call(t, var))
+    np.testing.assert_allclose(tape.gradient(value, var).numpy()[..., 0],
+                               np_signed_distance(t) / (13 * 17), rtol=1e-5, atol=1e-7)
+
+
+def test_boundary_weight_adds_the_boundary_term():
+    t, p = random_batch(31)
+    plain = mask_loss("bce", mask_positives_only=False)
+    with_boundary = mask_loss("bce", mask_positives_only=False, boundary_weight=0.25)
+    assert isinstance(plain, L.BCELoss)  # boundary_weight 0 (default): nothing added
+    np.testing.assert_allclose(f(with_boundary.call(t, p)),
+                               np_bce(t, p) + 0.25 * np_boundary(t, p), rtol=1e-5, atol=1e-7)
+    default = L.build_losses(LossConfig())[0]["mask"].loss
+    assert not any(isinstance(term, L.BoundaryLoss) for _, term in default.terms)
+    positives = mask_loss("combo", boundary_weight=0.01)  # inside PositivesOnly, serializable
+    assert isinstance(positives, L.PositivesOnly)
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(positives), safe_mode=True)
+    assert f(restored(t, p)) == pytest.approx(f(positives(t, p)), rel=1e-6)
+
+
+# Per-class OHEM, written from its description: each truth class keeps its
+# max(ceil(ratio n_c), min(n_pos, n_neg)) hardest pixels (at most n_c); mean BCE over all kept.
+
+def np_ohem_per_class(t, p, ratio):
+    p = np.clip(p.astype(np.float64), EPS, 1 - EPS).reshape(len(p), -1)
+    t = t.reshape(len(t), -1)
+    pix = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+    values, kept_masks = [], []
+    for ti, row in zip(t, pix, strict=True):
+        n_pos, n_neg = int(ti.sum()), int((1 - ti).sum())
+        kept = np.zeros(len(row), bool)
+        for cls, n in ((1, n_pos), (0, n_neg)):
+            k = min(n, max(math.ceil(ratio * n), min(n_pos, n_neg)))
+            idx = np.flatnonzero(ti == cls)
+            kept[idx[np.argsort(-row[idx])[:k]]] = True
+        values.append(row[kept].mean())
+        kept_masks.append(kept)
+    return np.array(values), np.array(kept_masks)
+
+
+def test_ohem_per_class_hand_worked():
+    # T1 = [1 0 0 0], ratio 0.5: min_keep = 1; positives keep 1, negatives max(ceil 1.5, 1) = 2
+    # of BCE [-log .8, -log .9, -log .7]: the mean of -log .8 (positive), -log .7, -log .8.
+    want = -(math.log(0.8) + math.log(0.7) + math.log(0.8)) / 3
+    assert f(L.OHEMBCELoss(ratio=0.5, per_class=True)(T1, P1)) == pytest.approx(want, rel=1e-6)
+    # ratio 0.1: negatives keep max(ceil 0.3, 1) = 1, the -log .7 one
+    want = -(math.log(0.8) + math.log(0.7)) / 2
+    assert f(L.OHEMBCELoss(ratio=0.1, per_class=True)(T1, P1)) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+def test_ohem_per_class_and_rescaled_against_numpy(ratio):
+    t, p = random_batch(32, batch=4, size=12)   # image 1 is empty: plain OHEM there
+    t[3, :, :6] = 1                             # image 3: positives are the majority
+    want, kept = np_ohem_per_class(t, p, ratio)
+    np.testing.assert_allclose(f(L.OHEMBCELoss(ratio, per_class=True).call(t, p)), want, rtol=1e-5)
+    np.testing.assert_allclose(want[1], np_ohem(t[1:2], p[1:2], ratio)[0], rtol=1e-12)
+    # rescaled: the plain BCE's value; the gradient w.r.t. the logits is (bce / ohem) times
+    # OHEM's: (sigmoid(z) - t) / kept on the kept pixels, 0 on the others
+    z = tf.Variable(np_logit(p).astype(np.float32))
+    for per_class in (True, False):
+        loss = L.OHEMBCELoss(ratio, per_class=per_class, rescale=True, from_logits=True)
+        with tf.GradientTape() as tape:
+            value = loss.call(t, z)
+            total = tf.reduce_sum(value)
+        np.testing.assert_allclose(f(value), np_bce(t, p), rtol=1e-5)
+        if per_class:
+            ohem, keep = want, kept
+        else:
+            ohem = np_ohem(t, p, ratio)
+            k = L.ohem_k(t[0].size, ratio)
+            pix = -np.log(np.where(t == 1, p, 1 - p).reshape(len(t), -1).astype(np.float64))
+            keep = np.zeros_like(pix, bool)
+            np.put_along_axis(keep, np.argsort(-pix, axis=1)[:, :k], True, axis=1)
+        q = 1 / (1 + np.exp(-np_logit(p).reshape(len(t), -1)))
+        grad = np.where(keep, (q - t.reshape(len(t), -1)) / keep.sum(1, keepdims=True), 0.0)
+        grad *= (np_bce(t, p) / ohem)[:, None]
+        np.testing.assert_allclose(tape.gradient(total, z).numpy().reshape(len(t), -1), grad,
+                                   rtol=1e-4, atol=1e-9)
+    # from the config keys; a rescaled ohem stays finite on a perfect prediction
+    built = mask_loss("ohem_bce", ohem_ratio=ratio, ohem_per_class=True, mask_positives_only=False)
+    np.testing.assert_allclose(f(built.call(t, p)), want, rtol=1e-5)
+    assert f(L.OHEMBCELoss(rescale=True, per_class=True)(t, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ohem_variants_trace_under_xla_and_dynamic_shapes_and_round_trip():
+    t, p = random_batch(34, batch=3, size=10)
+    spec = tf.TensorSpec((None, None, None, 1), tf.float32)
+    for loss in (L.OHEMBCELoss(0.2, per_class=True), L.OHEMBCELoss(0.2, rescale=True),
+                 L.OHEMBCELoss(0.2, per_class=True, rescale=True, from_logits=True)):
+        probs = np_logit(p).astype(np.float32) if loss.from_logits else p
+        eager = f(loss.call(t, probs))
+        fns = [tf.function(loss.call, input_signature=[spec, spec])]
+        if loss.per_class and loss.rescale:  # XLA once: each compile costs ~1 s here
+            fns.append(tf.function(loss.call, jit_compile=True))
+        for fn in fns:
+            np.testing.assert_allclose(f(fn(t, probs)), eager, rtol=1e-5)
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(loss), safe_mode=True)
+        assert (restored.per_class, restored.rescale) == (loss.per_class, loss.rescale)
+        np.testing.assert_allclose(f(restored.call(t, probs)), eager, rtol=1e-6)
+
+
+def test_reduce_mean_is_the_sum_over_the_number_of_terms():
+    t, p = random_batch(33)
+    for extra, n in (({}, 3), ({"combo_lovasz": 0.5}, 4), ({"combo_focal": 0.0}, 2)):
+        cfg = dict(mask_positives_only=False, **extra)
+        total = f(mask_loss("combo", **cfg).call(t, p))
+        mean = f(mask_loss("combo", **cfg, reduce="mean").call(t, p))
+        np.testing.assert_allclose(mean, total / n, rtol=1e-6)
+    np.testing.assert_allclose(f(mask_loss("combo", reduce="mean", mask_positives_only=False)
+                                 .call(t, p)), np_combo(t, p) / 3, rtol=1e-5)
+    # BCE and Dice only (the seed's case): their plain mean
+    cfg = dict(combo_bce=1, combo_dice=1, combo_focal=0, mask_positives_only=False)
+    np.testing.assert_allclose(f(mask_loss("combo", **cfg, reduce="mean").call(t, p)),
+                               (np_bce(t, p) + np_dice_loss(t, p)) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.reduce=max", "loss.reduce"),
+    ("loss.boundary_weight=-0.1", "loss.boundary_weight"),
+    ("loss.boundary_weight=.nan", "loss.boundary_weight"),
+    ("loss.ohem_per_class=1", "loss.ohem_per_class"),
+    ("loss.ohem_per_class=true", "loss.ohem_per_class"),  # mask is combo: it would do nothing
+    ("loss.ohem_rescale=true", "loss.ohem_rescale"),
+])
+def test_variant_loss_keys_are_validated(override, key):
+    from tfpneumo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"^config key {key.replace('.', '[.]')}: ") as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+    cfg = load_config(None, ["loss.mask=ohem_bce", "loss.ohem_per_class=true",
+                             "loss.ohem_rescale=true", "loss.reduce=mean",
+                             "loss.boundary_weight=0.01"]).loss
+    assert (cfg.ohem_per_class, cfg.ohem_rescale, cfg.reduce, cfg.boundary_weight) == (
+        True, True, "mean", 0.01)

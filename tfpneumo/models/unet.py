@@ -1,4 +1,5 @@
-"""UNet on a segmentation-models ResNet encoder, with a classification head on the bottleneck.
+"""UNet or UNet++ on a segmentation-models ResNet encoder, with a classification head on the
+bottleneck (``model.decoder``); the decoder's blocks use BatchNorm or GroupNorm (``model.norm``).
 
 ``build_model(cfg)`` is a pure function of :class:`~tfpneumo.config.ModelConfig`. The
 encoder comes from segmentation-models' backbone factory (sm 1.0.1, which takes its
@@ -36,6 +37,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tfpneumo.config import GROUP_NORM_GROUPS
 from tfpneumo.errors import TfpneumoError
 from tfpneumo.models import layers as _custom_layers  # noqa: F401  (registers them for loading)
 
@@ -231,13 +233,17 @@ def load_encoder_weights(backbone: keras.Model, path: str | Path, what: str,
 
 # ----------------------------------------------------------------------------- decoder
 
-def _conv_bn_relu(x, filters: int, name: str):
-    """Conv 3x3 (no bias, BN follows) -> BatchNormalization -> ReLU, layers ``name*``."""
+def _conv_bn_relu(x, filters: int, name: str, norm: str = "batch"):
+    """Conv 3x3 (no bias, a norm follows) -> BatchNormalization (``name_bn``) or GroupNormalization
+    with :data:`GROUP_NORM_GROUPS` groups (``name_gn``) -> ReLU, layers ``name*``."""
     from keras import layers
 
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
                       kernel_initializer="he_uniform", name=name)(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    if norm == "group":
+        x = layers.GroupNormalization(GROUP_NORM_GROUPS, name=f"{name}_gn")(x)
+    else:
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
@@ -259,24 +265,53 @@ def _scse(x, channels: int, name: str):
     return layers.Add(name=f"{name}_scse")([c, s])
 
 
-def _decoder_stage(x, skip, filters: int, stage: int, cfg: ModelConfig):
-    """Bilinear x2 upsampling, [concat skip, SpatialDropout2D], 2 x Conv-BN-ReLU, [scSE]."""
+def _decoder_stage(x, skips: list, filters: int, name: str, cfg: ModelConfig):
+    """Bilinear x2 upsampling, [concat with skips, SpatialDropout2D], 2 x Conv-norm-ReLU, [scSE].
+
+    One UNet stage (one skip) or one UNet++ node (all the earlier nodes of its level).
+    """
     from keras import layers
 
     from tfpneumo.models.layers import BilinearUpSampling2D
 
-    name = f"decoder_stage{stage}"
     # not UpSampling2D(interpolation="bilinear"): it fails on symbolic H, W in Keras 3.15
     x = BilinearUpSampling2D(2, name=f"{name}_upsample")(x)
-    if skip is not None:
-        x = layers.Concatenate(name=f"{name}_concat")([x, skip])
+    if skips:
+        x = layers.Concatenate(name=f"{name}_concat")([x, *skips])
         if cfg.skip_dropout > 0:
             x = layers.SpatialDropout2D(cfg.skip_dropout, name=f"{name}_dropout")(x)
-    x = _conv_bn_relu(x, filters, f"{name}_conv1")
-    x = _conv_bn_relu(x, filters, f"{name}_conv2")
+    x = _conv_bn_relu(x, filters, f"{name}_conv1", cfg.norm)
+    x = _conv_bn_relu(x, filters, f"{name}_conv2", cfg.norm)
     if cfg.attention == "scse":
         x = _scse(x, filters, name)
     return x
+
+
+def _unet_decoder(bottleneck, taps: list, cfg: ModelConfig):
+    """UNet: stage i upsamples stage i-1 and takes skip tap i (deepest first); stage 4 none."""
+    x = bottleneck
+    for stage, (filters, skip) in enumerate(zip(cfg.decoder_filters, [*taps, None], strict=True)):
+        x = _decoder_stage(x, [] if skip is None else [skip], filters, f"decoder_stage{stage}", cfg)
+    return x
+
+
+def _unetpp_decoder(bottleneck, taps: list, cfg: ModelConfig):
+    """UNet++ (Zhou et al., DLMIA 2018), nested dense skip pathways, without deep supervision.
+
+    Level i is the encoder's x2^(i+1) output: X^{i,0} is the skip tap (i = 0: x2 ... 3: x16)
+    and X^{4,0} the bottleneck. Node X^{i,j} (j >= 1, i + j <= 4), layers ``decoder_x{i}_{j}_*``,
+    concatenates upsampled X^{i+1,j-1} with X^{i,0}, ..., X^{i,j-1}, and has the filters of
+    the UNet stage at its resolution (``decoder_filters[3 - i]``). X^{0,4} (x2) goes through
+    ``decoder_final`` (x1, ``decoder_filters[4]``, no skip), as the UNet's last stage.
+    """
+    levels = len(taps)
+    nodes = {(i, 0): tap for i, tap in enumerate(reversed(taps))}
+    nodes[(levels, 0)] = bottleneck
+    for j in range(1, levels + 1):
+        for i in range(levels + 1 - j):
+            nodes[(i, j)] = _decoder_stage(nodes[(i + 1, j - 1)], [nodes[(i, k)] for k in range(j)],
+                                           cfg.decoder_filters[levels - 1 - i], f"decoder_x{i}_{j}", cfg)
+    return _decoder_stage(nodes[(0, levels)], [], cfg.decoder_filters[levels], "decoder_final", cfg)
 
 
 def _head(x, cfg: ModelConfig):
@@ -320,6 +355,11 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 1)) -> ke
                                 "(the encoder downsamples 5 times)")
     if len(cfg.decoder_filters) != len(taps) + 1:
         raise TfpneumoError(f"model.decoder_filters: expected {len(taps) + 1} values")
+    decoder = {"unet": _unet_decoder, "unetpp": _unetpp_decoder}.get(cfg.decoder)
+    if decoder is None:
+        raise TfpneumoError(f"model.decoder: {cfg.decoder!r} is not one of ['unet', 'unetpp']")
+    if cfg.norm not in ("batch", "group"):
+        raise TfpneumoError(f"model.norm: {cfg.norm!r} is not one of ['batch', 'group']")
 
     from tfpneumo.models.layers import GreyPixels
 
@@ -344,15 +384,16 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple = (None, None, 1)) -> ke
 
     x = backbone.get_layer(ENCODER_OUTPUT).output
     label = _head(x, cfg)
-    skips = [backbone.get_layer(name).output for name in taps] + [None]
-    for stage, (filters, skip) in enumerate(zip(cfg.decoder_filters, skips, strict=True)):
-        x = _decoder_stage(x, skip, filters, stage, cfg)
+    skips = [backbone.get_layer(name).output for name in taps]
+    x = decoder(x, skips, cfg)
     prior = math.log(cfg.mask_prior / (1.0 - cfg.mask_prior))
     x = layers.Conv2D(1, 1, name="mask_logits",
                       bias_initializer=keras.initializers.Constant(prior))(x)
     mask = layers.Activation("sigmoid", dtype="float32", name="mask")(x)
-    model = keras.Model(image, {"mask": mask, "label": label}, name=f"unet_{cfg.encoder}")
-    for layer in model.layers:  # sm's 0.99 needs thousands of steps; short runs want less
+    model = keras.Model(image, {"mask": mask, "label": label}, name=f"{cfg.decoder}_{cfg.encoder}")
+    # sm's 0.99 needs thousands of steps; short runs want less. With norm: group these are the
+    # encoder's BatchNorms only (kept: they hold the ImageNet statistics).
+    for layer in model.layers:
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = cfg.bn_momentum
             # read at call time: the moments are all-reduced over the replicas in training

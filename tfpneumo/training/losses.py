@@ -2,7 +2,8 @@
 
 The public form of every loss is a registered ``keras.losses.Loss`` class (package
 ``"tfpneumo"``): :class:`BCELoss`, :class:`DiceLoss`, :class:`LogDiceLoss`, :class:`FocalLoss`,
-:class:`LovaszHingeLoss`, :class:`OHEMBCELoss`. Calling one, ``BCELoss()(y_true, y_pred)``,
+:class:`LovaszHingeLoss`, :class:`OHEMBCELoss` (optionally per truth class and rescaled),
+:class:`BoundaryLoss`. Calling one, ``BCELoss()(y_true, y_pred)``,
 gives the mean over images; ``BCELoss().call(y_true, y_pred)`` gives the per-image vector
 ``(B,) float32`` (see :class:`_PerImageLoss` for why ``call()`` returns a vector).
 
@@ -234,6 +235,133 @@ def _ohem_bce(y_true: Any, y_pred: Any, ratio: float, epsilon: float,
     return ops.sum(ops.where(keep, ranked, 0.0), axis=-1) / k
 
 
+def _ohem_bce_per_class(y_true: Any, y_pred: Any, ratio: float, epsilon: float,
+                        from_logits: bool = False) -> Any:
+    """OHEM-BCE on the truth's positive and on its negative pixels separately, per image.
+
+    Class ``c`` (``n_c`` pixels) keeps its ``k_c = min(n_c, max(ceil(ratio n_c), min_keep))``
+    hardest pixels, ``min_keep = min(n_pos, n_neg)``: the minority class is kept whole and the
+    majority keeps at least as many hard pixels as the minority has. The loss is the mean BCE
+    over the ``k_pos + k_neg`` kept pixels. Counts are per image (the seed counted over its
+    batch): every loss here is per image, so that :class:`PositivesOnly` and the global-batch
+    normalisation give the same result on one device and on N (a batch count would be each
+    replica's own share). An empty truth has ``min_keep = 0``: plain OHEM.
+    """
+    t = _flat(y_true)
+    pixels = _bce_pixels(t, y_pred, from_logits, epsilon)
+    positive = t > 0.5
+    n_pos = ops.sum(ops.cast(positive, "float32"), axis=-1)
+    n_neg = ops.cast(ops.shape(pixels)[-1], "float32") - n_pos
+    min_keep = ops.minimum(n_pos, n_neg)
+    place = ops.cast(ops.arange(ops.shape(pixels)[-1]), "float32")
+    total, kept = 0.0, 0.0
+    for member, count in ((positive, n_pos), (ops.logical_not(positive), n_neg)):
+        k = ops.minimum(count, ops.maximum(ops.ceil(ratio * count - 1e-6), min_keep))
+        # the other class's pixels sort last (BCE >= 0 > -1) and only the first k are kept
+        ranked = -ops.sort(-ops.where(member, pixels, -1.0), axis=-1)
+        total = total + ops.sum(ops.where(place[None, :] < k[:, None], ranked, 0.0), axis=-1)
+        kept = kept + k
+    return total / ops.maximum(kept, 1.0)
+
+
+def _rescaled(ohem: Any, plain: Any) -> Any:
+    """``ohem`` times the constant ``plain / ohem``: the value of the plain loss, the gradient of
+    OHEM scaled by that factor (the hard pixels' gradient at the plain loss's magnitude)."""
+    positive = ohem > 0.0
+    factor = ops.where(positive, plain / ops.where(positive, ohem, 1.0), 0.0)
+    return ohem * ops.stop_gradient(factor)
+
+
+# ----------------------------------------------------------------------------- boundary loss
+
+_FAR = 1e6  # "no such pixel in this row/image"; squared (1e12) it stays finite in float32
+
+
+def _shifted(x: Any, offset: Any, axis: int, fill: float) -> Any:
+    """``x`` moved by ``offset`` (a scalar tensor, may be negative) along ``axis``: out[i] =
+    x[i - offset], ``fill`` where ``i - offset`` is outside. A gather, not a pad: the offset
+    changes inside a while loop, and XLA needs static pad widths."""
+    size = ops.shape(x)[axis]
+    source = ops.arange(size) - ops.cast(offset, "int32")
+    inside = (source >= 0) & (source < size)
+    moved = ops.take(x, ops.clip(source, 0, size - 1), axis=axis)
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    return ops.where(ops.reshape(inside, shape), moved, fill)
+
+
+def squared_distance_to(member: Any) -> Any:
+    """Exact squared Euclidean distance from each pixel to the nearest ``True`` pixel of its
+    image, ``(B, H, W)`` bool -> float32 (0 on members; >= 1e12 where the image has none).
+
+    Separable (as scipy's ``distance_transform_edt``): along W, the nearest member of the row
+    from a prefix max / suffix min of member indices (log2 W doubling steps); along H,
+    ``min_d f(y + d) + d^2`` over offsets d = 1, 2, ..., stopped once ``d^2`` exceeds every
+    distance found (no farther row can give a shorter one). In TensorFlow ops with while loops,
+    so it runs inside the compiled, XLA and distributed train step.
+    """
+    member = ops.convert_to_tensor(member)
+    width = ops.shape(member)[2]
+    index = ops.cast(ops.arange(width), "float32")[None, None, :]
+    left = ops.where(member, index, -_FAR)   # nearest member at or left of each pixel
+    right = ops.where(member, index, _FAR)   # ... at or right of it
+
+    def scan_step(step, left, right):
+        left = ops.maximum(left, _shifted(left, step, 2, -_FAR))
+        right = ops.minimum(right, _shifted(right, -step, 2, _FAR))
+        return step * 2, left, right
+
+    _, left, right = ops.while_loop(lambda step, *_: step < width, scan_step,
+                                    (ops.convert_to_tensor(1, "int32"), left, right))
+    f = ops.square(ops.minimum(index - left, right - index))
+
+    height = ops.shape(member)[1]
+    has = ops.any(member, axis=(1, 2), keepdims=True)
+
+    def cond(d, g):
+        reachable = ops.max(ops.where(has, g, 0.0))
+        return (d < height) & (ops.cast(d * d, "float32") < reachable)
+
+    def body(d, g):
+        d2 = ops.cast(d * d, "float32")
+        g = ops.minimum(g, _shifted(f, d, 1, _FAR * _FAR) + d2)
+        g = ops.minimum(g, _shifted(f, -d, 1, _FAR * _FAR) + d2)
+        return d + 1, g
+
+    _, g = ops.while_loop(cond, body, (ops.convert_to_tensor(1, "int32"), f))
+    return g
+
+
+def signed_distance(y_true: Any) -> Any:
+    """Kervadec et al.'s level set of the truth, ``(B, H, W[, 1])`` 0/1 -> ``(B, H, W)`` float32.
+
+    Outside the mask the distance to the nearest mask pixel; inside, minus (the distance to
+    the nearest background pixel - 1), so the mask's border pixels are 0 (their
+    ``one_hot2dist``: ``edt(neg) * neg - (edt(pos) - 1) * pos``). 0 on an image that is all
+    background or all mask: it has no boundary.
+    """
+    t = ops.cast(y_true, "float32")
+    if len(t.shape) == 4:
+        t = t[..., 0]
+    inside = t > 0.5
+    both = ops.concatenate([inside, ops.logical_not(inside)], axis=0)
+    distances = ops.sqrt(squared_distance_to(both))
+    batch = ops.shape(t)[0]
+    to_mask, to_background = distances[:batch], distances[batch:]
+    phi = ops.where(inside, 1.0 - to_background, to_mask)
+    has_boundary = ops.any(inside, axis=(1, 2)) & ops.any(ops.logical_not(inside), axis=(1, 2))
+    return ops.where(has_boundary[:, None, None], phi, 0.0)
+
+
+def _boundary(y_true: Any, y_pred: Any, from_logits: bool = False) -> Any:
+    """Mean over pixels of ``p * signed_distance(truth)`` per image (negative when p sits inside)."""
+    phi = ops.stop_gradient(signed_distance(y_true))
+    p = _flat(y_pred)
+    if from_logits:
+        p = ops.sigmoid(p)
+    return ops.mean(p * _flat(phi), axis=-1)
+
+
 # ----------------------------------------------------------------------------- Loss classes
 
 class _PerImageLoss(keras.losses.Loss):
@@ -388,21 +516,50 @@ class LovaszHingeLoss(_PerImageLoss):
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
 class OHEMBCELoss(_PerImageLoss):
-    """BCE over the hardest :func:`ohem_k` ``(pixels, ratio)`` pixels of each image."""
+    """BCE over the hardest :func:`ohem_k` ``(pixels, ratio)`` pixels of each image.
+
+    ``per_class``: over the hardest pixels of each truth class (:func:`_ohem_bce_per_class`).
+    ``rescale``: times the constant ``plain BCE / OHEM`` of the image (:func:`_rescaled`).
+    """
 
     def __init__(self, ratio: float = 0.1, epsilon: float = EPSILON, name: str | None = "ohem_bce",
-                 **kwargs: Any):
+                 per_class: bool = False, rescale: bool = False, **kwargs: Any):
         if not 0.0 < ratio <= 1.0:
             raise LossError(f"ohem_bce: ratio must be in (0, 1], got {ratio}")
         super().__init__(name=name, **kwargs)
         self.ratio = float(ratio)
         self.epsilon = float(epsilon)
+        self.per_class = bool(per_class)
+        self.rescale = bool(rescale)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return _ohem_bce(y_true, y_pred, self.ratio, self.epsilon, self.from_logits)
+        ohem = _ohem_bce_per_class if self.per_class else _ohem_bce
+        value = ohem(y_true, y_pred, self.ratio, self.epsilon, self.from_logits)
+        if self.rescale:
+            value = _rescaled(value, _bce(y_true, y_pred, self.epsilon, self.from_logits))
+        return value
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "ratio": self.ratio, "epsilon": self.epsilon}
+        return {**super().get_config(), "ratio": self.ratio, "epsilon": self.epsilon,
+                "per_class": self.per_class, "rescale": self.rescale}
+
+
+@keras.saving.register_keras_serializable(package="tfpneumo")
+class BoundaryLoss(_PerImageLoss):
+    """Boundary loss (Kervadec et al., MIDL 2019): mean of ``p * signed_distance(truth)`` per
+    image, the distance map computed from the truth in the loss (:func:`signed_distance`).
+
+    Negative when the prediction lies inside the truth (minimum: -sum of the inside distances
+    / pixels); 0 for an image without a boundary. Meant to be added to a region loss
+    (``loss.boundary_weight``), never alone: alone it is minimised by predicting the inside
+    only, which an empty prediction on a tiny mask nearly does.
+    """
+
+    def __init__(self, name: str | None = "boundary", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return _boundary(y_true, y_pred, self.from_logits)
 
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
@@ -547,6 +704,8 @@ def _mask_loss(cfg: LossConfig, from_logits: bool) -> _PerImageLoss:
                  if weight != 0]
         if not terms:
             raise LossError("combo loss: every weight is 0")
+        if cfg.reduce == "mean":  # the seed's "mean rather than sum of BCE and Dice"
+            return (1.0 / len(terms)) * sum(terms)
         return sum(terms)
     single = {
         "bce": lambda: BCELoss(**z),
@@ -554,7 +713,8 @@ def _mask_loss(cfg: LossConfig, from_logits: bool) -> _PerImageLoss:
         "log_dice": lambda: LogDiceLoss(gamma=cfg.log_dice_gamma, **z),
         "focal": lambda: focal,
         "lovasz": lambda: LovaszHingeLoss(**z),
-        "ohem_bce": lambda: OHEMBCELoss(ratio=cfg.ohem_ratio, **z),
+        "ohem_bce": lambda: OHEMBCELoss(ratio=cfg.ohem_ratio, per_class=cfg.ohem_per_class,
+                                        rescale=cfg.ohem_rescale, **z),
     }
     if cfg.mask not in single:
         raise LossError(f"mask loss {cfg.mask!r} is not one of {list(MASK_KINDS)}")
@@ -570,11 +730,15 @@ def build_losses(cfg: LossConfig, from_logits: bool = True,
     whose outputs are probabilities.
 
     ``loss["mask"]`` is the ``cfg.mask`` loss (a combo is a :class:`WeightedSum` without its
-    zero-weight terms), wrapped in :class:`PositivesOnly` when ``cfg.mask_positives_only``;
+    zero-weight terms, divided by their number when ``cfg.reduce`` is mean), plus
+    ``cfg.boundary_weight`` times :class:`BoundaryLoss` when that is > 0, wrapped in
+    :class:`PositivesOnly` when ``cfg.mask_positives_only``;
     ``loss["label"]`` is plain BCE on every image; the weights are ``cfg.mask_weight`` and
     ``cfg.label_weight``.
     """
     mask = _mask_loss(cfg, from_logits)
+    if cfg.boundary_weight > 0:
+        mask = mask + cfg.boundary_weight * BoundaryLoss(from_logits=from_logits)
     if cfg.mask_positives_only and not cfg.dice_per_image and cfg.mask in ("dice", "combo"):
         raise LossError("a Dice over the whole batch (dice_per_image false) cannot be averaged "
                         "over positive images (mask_positives_only true)")
