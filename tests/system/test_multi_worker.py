@@ -28,7 +28,7 @@ TESTS_DIR = THIS.parents[1]
 TIMEOUT = 300  # seconds for one launch (about 60-90 s on 2 shared cores)
 
 sys.path.insert(0, str(TESTS_DIR))
-from system.test_scaleout import free_ports  # noqa: E402
+from system.test_scaleout import child_env, free_ports  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +62,8 @@ def cache(tmp_path_factory) -> Path:
 
 
 def env(**extra: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    # One thread per op: the float sums inside an op then run in one order in every process
-    # (a thread pool splits them by its size), so the strategies can agree to the last bit.
-    out.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", TF_NUM_INTRAOP_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), out.get("PYTHONPATH", "")]))
-    out.update(extra)
-    return out
+    # One thread per op: three processes share the two cores without oversubscribing them.
+    return child_env(TF_NUM_INTRAOP_THREADS="1", **extra)
 
 
 def launch_workers(config: Path, experiment: str, cwd: Path, ports: list[int]):
