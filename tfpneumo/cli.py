@@ -105,10 +105,29 @@ def train(
              "(worker 0 is the chief and writes the run folder). Sets TF_CONFIG.")] = None,
     worker_index: Annotated[int | None, typer.Option(
         help="This machine's place in --workers (0, 1, ...).")] = None,
+    parallel: Annotated[int, typer.Option(
+        help="Train this many folds side by side, one process each (GPUs split between "
+             "them); logs in runs/<experiment>/logs/.")] = 1,
 ) -> None:
     """Train a fold (resumable) into runs/<experiment>/fold_<k>/."""
     folds = grammar.parse_folds(fold, "--fold")
     cfg = load_config(config, set_ or [])
+    if parallel != 1:
+        if workers is not None:
+            raise TfpneumoError("--parallel trains whole folds per process; with --workers "
+                                "every machine trains the same fold: use one or the other")
+        if parallel < 1:
+            raise TfpneumoError(f"--parallel {parallel}: must be >= 1")
+        quiet_tensorflow()
+        from tfpneumo.data.manifest import read_cache_info
+        from tfpneumo.training.parallel import train_parallel
+
+        cache = read_cache_info(cfg.data.cache)
+        folds = list(range(cache.folds)) if folds == "all" else folds
+        for k in folds:
+            cache.check_fold(k)
+        typer.echo(train_parallel(cfg, folds, parallel))
+        return
     if workers is not None:
         os.environ["TF_CONFIG"] = grammar.parse_workers(workers, worker_index)
     elif worker_index is not None:
