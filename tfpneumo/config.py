@@ -239,9 +239,10 @@ class LossConfig:
     # sum: the combo's terms as weighted (sum w_i L_i); mean: that sum over the number of terms.
     reduce: Literal["sum", "mean"] = "sum"
     # Boundary loss (Kervadec et al. 2019), mean of p * signed distance to the truth's boundary,
-    # added to the mask loss with this weight: a fixed weight (the paper's per-epoch ramp would
-    # need the epoch inside the loss; train.stages can step it).
+    # added to the mask loss with this weight, reached linearly over boundary_ramp_epochs
+    # epochs (0: from the start).
     boundary_weight: float = 0.0
+    boundary_ramp_epochs: int = 0
     # ohem_bce: OHEM on the truth's positive and negative pixels separately, each keeping at least
     # the smaller class's pixel count; ohem_rescale: scaled to the plain BCE's value.
     ohem_per_class: bool = False
@@ -254,6 +255,7 @@ class LossConfig:
         _check(self.focal_alpha is None or 0.0 <= self.focal_alpha <= 1.0, prefix, "focal_alpha",
                "must be in [0, 1], or null for no alpha weighting")
         _check(self.dice_smooth > 0.0, prefix, "dice_smooth", "must be > 0")
+        _check(self.boundary_ramp_epochs >= 0, prefix, "boundary_ramp_epochs", "must be >= 0")
         _check(self.dice_per_image or not self.mask_positives_only
                or self.mask not in ("dice", "combo"), prefix, "dice_per_image",
                "false (one Dice over the batch) needs mask_positives_only: false (that average "

@@ -866,6 +866,24 @@ def test_boundary_weight_adds_the_boundary_term():
     assert f(restored(t, p)) == pytest.approx(f(positives(t, p)), rel=1e-6)
 
 
+def test_boundary_ramp_raises_the_boundary_term_epoch_by_epoch():
+    from tfpneumo.training.callbacks import BoundaryRamp
+
+    assert [L.boundary_ramp(e, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert L.boundary_ramp(0, 0) == 1.0  # no ramp: the whole weight from the start
+    t, p = random_batch(32)
+    loss = mask_loss("bce", boundary_weight=0.5)  # inside PositivesOnly and a weighted sum
+    (term,) = L.boundary_losses(loss)
+    ramp = BoundaryRamp([term], 4)
+    for epoch, share in ((0, 0.25), (2, 0.75), (5, 1.0)):
+        ramp.on_epoch_begin(epoch)
+        positives = t.reshape(len(t), -1).max(axis=1) > 0
+        expected = (np_bce(t, p) + 0.5 * share * np_boundary(t, p))[positives].sum() / max(
+            positives.sum(), 1)
+        assert f(loss(t, p)) == pytest.approx(expected, rel=1e-5)
+    assert L.boundary_losses(L.build_losses(LossConfig())[0]["mask"]) == []
+
+
 # Per-class OHEM, written from its description: each truth class keeps its
 # max(ceil(ratio n_c), min(n_pos, n_neg)) hardest pixels (at most n_c); mean BCE over all kept.
 

@@ -194,6 +194,21 @@ class NaNGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class BoundaryRamp(keras.callbacks.Callback):
+    """Sets the boundary loss terms' share for each epoch (:func:`losses.boundary_ramp`); on
+    every worker, as each computes its own loss."""
+
+    def __init__(self, boundary_losses, ramp_epochs: int):
+        super().__init__()
+        self.boundary_losses, self.ramp_epochs = list(boundary_losses), ramp_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from tfpneumo.training.losses import boundary_ramp
+
+        for loss in self.boundary_losses:
+            loss.ramp.assign(boundary_ramp(epoch, self.ramp_epochs))
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Adds the learning rate at the end of each epoch to the logs (for TensorBoard and CSV)."""
 

@@ -557,9 +557,13 @@ class BoundaryLoss(_PerImageLoss):
 
     def __init__(self, name: str | None = "boundary", **kwargs: Any):
         super().__init__(name=name, **kwargs)
+        # The share of the loss in effect, set at each epoch's start by the training loop's
+        # BoundaryRamp callback (1.0 when nothing sets it): a variable, so that the compiled
+        # step reads the new value without retracing.
+        self.ramp = keras.Variable(1.0, trainable=False, name="boundary_ramp")
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return _boundary(y_true, y_pred, self.from_logits)
+        return _boundary(y_true, y_pred, self.from_logits) * ops.cast(self.ramp, y_pred.dtype)
 
 
 @keras.saving.register_keras_serializable(package="tfpneumo")
@@ -731,7 +735,8 @@ def build_losses(cfg: LossConfig, from_logits: bool = True,
 
     ``loss["mask"]`` is the ``cfg.mask`` loss (a combo is a :class:`WeightedSum` without its
     zero-weight terms, divided by their number when ``cfg.reduce`` is mean), plus
-    ``cfg.boundary_weight`` times :class:`BoundaryLoss` when that is > 0, wrapped in
+    ``cfg.boundary_weight`` times :class:`BoundaryLoss` when that is > 0 (ramped in over
+    ``cfg.boundary_ramp_epochs`` by :func:`boundary_ramp` and the training loop), wrapped in
     :class:`PositivesOnly` when ``cfg.mask_positives_only``;
     ``loss["label"]`` is plain BCE on every image; the weights are ``cfg.mask_weight`` and
     ``cfg.label_weight``.
@@ -747,3 +752,26 @@ def build_losses(cfg: LossConfig, from_logits: bool = True,
     label = BCELoss(name="label_loss", from_logits=from_logits)
     return ({"mask": mask, "label": label},
             {"mask": float(cfg.mask_weight), "label": float(cfg.label_weight)})
+
+
+def boundary_losses(loss: Any) -> list[BoundaryLoss]:
+    """The :class:`BoundaryLoss` terms inside a (wrapped, weighted) loss."""
+    found, stack = [], [loss]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, BoundaryLoss):
+            found.append(item)
+        if isinstance(item, PositivesOnly):
+            stack.append(item.loss)
+        stack.extend(term for _, term in getattr(item, "terms", []))
+    return found
+
+
+def boundary_ramp(epoch: int, ramp_epochs: int) -> float:
+    """The share of ``loss.boundary_weight`` in effect in epoch ``epoch`` (0-based): rising
+    linearly to 1 over the first ``ramp_epochs`` epochs (1/ramp in the first), 1 after; 1
+    when ``ramp_epochs`` is 0. Kervadec et al. raise the boundary term's weight during
+    training in the same way, so that the region loss shapes the mask first."""
+    if ramp_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch + 1) / ramp_epochs)

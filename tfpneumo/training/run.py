@@ -29,6 +29,7 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 
 from tfpneumo.training.callbacks import (  # noqa: E402
+    BoundaryRamp,
     ImagePanels,
     LearningRateLogger,
     NaNGuard,
@@ -320,8 +321,13 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
               f"{f' and {start_step} steps of epoch {start + 1}' if start_step else ''}",
               file=sys.stderr)
 
-    # Every worker: what decides when to stop; the chief: what writes.
+    # Every worker: what decides when to stop or changes the loss; the chief: what writes.
     callbacks = [LearningRateLogger(), guard]
+    if cfg.loss.boundary_ramp_epochs:
+        from tfpneumo.training.losses import boundary_losses
+
+        callbacks.append(BoundaryRamp(boundary_losses(losses["mask"]),
+                                      cfg.loss.boundary_ramp_epochs))
     if chief:
         callbacks += [swa] if swa is not None else []
         callbacks.append(state)
