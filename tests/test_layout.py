@@ -14,9 +14,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "tfpneumo"
 # What each command runs; cli.py parses and calls one of these (demo and bench compose them).
 ENTRY_MODULES = ("tfpneumo.data.synth", "tfpneumo.data.prepare", "tfpneumo.training.run",
+                 "tfpneumo.training.parallel",
                  "tfpneumo.evaluation.report", "tfpneumo.inference.submission",
                  "tfpneumo.inference.pictures", "tfpneumo.inference.export")
-COMMAND_LAYER = ("tfpneumo.cli", "tfpneumo.demo", "tfpneumo.bench")
+COMMAND_LAYER = ("tfpneumo.cli", "tfpneumo.demo", "tfpneumo.bench", "tfpneumo.tune")
 
 
 def module_name(path: Path) -> str:

@@ -243,6 +243,30 @@ def predict(
 
 @app.command()
 @one_line_errors
+def tune(
+    search: Annotated[Path, typer.Option(help="The search file: space, objective, trials, "
+                                         "sampler, pruner (README, tfpneumo tune).")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Optuna storage URL shared by every process of the study (default: SQLite file "
+             "runs/<study>/study.db), e.g. postgresql://user@host/db.")] = None,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Print the trials table and write the plots; train nothing.")] = False,
+) -> None:
+    """Hyperparameter search (Optuna): trials are ordinary runs; the best as a config file."""
+    quiet_tensorflow()
+    from tfpneumo import tune as tuning
+
+    if report:
+        cfg = load_config(config, set_ or [])
+        typer.echo(tuning.report(search, cfg.experiment, storage=storage))
+        return
+    typer.echo(tuning.tune(config, set_ or [], search, storage=storage))
+
+
+@app.command()
+@one_line_errors
 def export(
     out: Annotated[Path, typer.Option(help="New (or empty) folder for the exported model.")],
     config: ConfigOpt = None,

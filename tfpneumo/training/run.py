@@ -73,8 +73,10 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def train(cfg: Config, folds: runs.FoldSpec = "all", workdir: Path = Path(".")) -> TrainResult:
-    """Trains ``folds`` ("all" folds of the cache, or indices) one after another."""
+def train(cfg: Config, folds: runs.FoldSpec = "all", workdir: Path = Path("."),
+          callbacks=()) -> TrainResult:
+    """Trains ``folds`` ("all" folds of the cache, or indices) one after another;
+    ``callbacks``: Keras callbacks added to every stage's (e.g. a tuner's pruning)."""
     cache = read_cache_info(cfg.data.cache)
     if isinstance(folds, str):
         if folds != "all":
@@ -92,13 +94,14 @@ def train(cfg: Config, folds: runs.FoldSpec = "all", workdir: Path = Path(".")) 
         if service:
             print(f"input: tf.data service {service} ({cfg.data.service})", file=sys.stderr)
         for k in folds:
-            results.append(train_fold(cfg, k, workdir, service=service, runtime=runtime))
+            results.append(train_fold(cfg, k, workdir, service=service, runtime=runtime,
+                                      callbacks=callbacks))
     return TrainResult([r for r in results if "best_val_dice" in r],
                        [r for r in results if "best_val_dice" not in r])
 
 
 def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str | None = None,
-               runtime: Runtime | None = None) -> dict:
+               runtime: Runtime | None = None, callbacks=()) -> dict:
     """Trains one fold through every stage; ``service``: a tf.data service dispatcher address
     (from :func:`tfpneumo.data.service.input_service`) that makes the training batches.
 
@@ -109,7 +112,7 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
     runtime = runtime or resolve_runtime(cfg.train)
     run_dir = runs.fold_dir(cfg.experiment, fold, workdir)
     if not runtime.is_chief:
-        return _train_fold_worker(cfg, fold, run_dir, service, runtime)
+        return _train_fold_worker(cfg, fold, run_dir, service, runtime, callbacks)
     result_path = run_dir / runs.RESULT
     if _chief_says(runtime, result_path.exists()):
         return json.loads(result_path.read_text())
@@ -118,7 +121,7 @@ def train_fold(cfg: Config, fold: int, workdir: Path = Path("."), service: str |
         if _chief_says(runtime, result_path.exists()):  # the other run finished meanwhile
             return json.loads(result_path.read_text())
         try:
-            result = _train_fold_locked(cfg, fold, run_dir, service, runtime)
+            result = _train_fold_locked(cfg, fold, run_dir, service, runtime, callbacks)
             _chief_says(runtime, True)  # the others wait: a worker leaving early alarms the chief
             return result
         except OSError as e:
@@ -138,7 +141,7 @@ def _chief_says(runtime: Runtime, fact: bool | int) -> int:
 
 
 def _train_fold_worker(cfg: Config, fold: int, run_dir: Path, service: str | None,
-                       runtime: Runtime) -> dict:
+                       runtime: Runtime, callbacks=()) -> dict:
     """A worker other than the chief: the same collectives as the chief, in a temporary folder."""
     import tempfile
 
@@ -147,13 +150,13 @@ def _train_fold_worker(cfg: Config, fold: int, run_dir: Path, service: str | Non
     with tempfile.TemporaryDirectory(prefix=f"tfpneumo-worker{runtime.worker_index}-") as tmp:
         print(f"fold {fold}: worker {runtime.worker_index} of {runtime.workers}; the chief "
               f"writes {run_dir}, this worker only {tmp} (removed at the end)", file=sys.stderr)
-        _train_fold_locked(cfg, fold, Path(tmp), service, runtime)
+        _train_fold_locked(cfg, fold, Path(tmp), service, runtime, callbacks)
         _chief_says(runtime, True)  # until the chief has written the fold's results
     return {"fold": fold, "worker": runtime.worker_index, "run_dir": str(run_dir)}
 
 
 def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | None,
-                       runtime: Runtime) -> dict:
+                       runtime: Runtime, callbacks=()) -> dict:
     result_path = run_dir / runs.RESULT
     if runtime.is_chief:
         _check_same_config(cfg, run_dir)
@@ -171,7 +174,8 @@ def _train_fold_locked(cfg: Config, fold: int, run_dir: Path, service: str | Non
     for i, (name, stage_cfg) in enumerate(stages):
         stage_dir = run_dir if len(stages) == 1 else run_dir / runs.STAGES / name
         result = train_stage(stage_cfg, fold, stage_dir, runtime, init_weights=previous,
-                             service=service, on_start=lambda: dump_config(cfg, run_dir / runs.CONFIG))
+                             service=service, callbacks=callbacks,
+                             on_start=lambda: dump_config(cfg, run_dir / runs.CONFIG))
         previous = stage_dir / runs.FINAL_WEIGHTS
         if len(stages) > 1 and i == len(stages) - 1:
             for artefact in runs.FOLD_ARTEFACTS:
@@ -219,7 +223,7 @@ def _check_same_config(cfg: Config, run_dir: Path) -> None:
 
 def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
                 init_weights: Path | None = None, service: str | None = None,
-                on_start=None) -> dict:
+                on_start=None, callbacks=()) -> dict:
     """Trains one stage in ``stage_dir``, resuming from its last completed epoch.
 
     Nothing is written before the network is built and the data found (then ``on_start()``
@@ -322,7 +326,7 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
               file=sys.stderr)
 
     # Every worker: what decides when to stop or changes the loss; the chief: what writes.
-    callbacks = [LearningRateLogger(), guard]
+    extra, callbacks = list(callbacks), [LearningRateLogger(), guard]
     if cfg.loss.boundary_ramp_epochs:
         from tfpneumo.training.losses import boundary_losses
 
@@ -337,6 +341,7 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
         if tcfg.tensorboard_images:
             images, masks = _panel_examples(val_ds, tcfg.tensorboard_images)
             callbacks.append(ImagePanels(board / "images", images, masks))
+    callbacks += extra
 
     freeze = tcfg.freeze_encoder_epochs
     phases = [(s, e, frozen) for s, e, frozen in ((start, min(freeze, epochs), True),

@@ -1,0 +1,162 @@
+"""``tfpneumo tune``: the search file, the study's bookkeeping (exact trial count across
+processes, pruned trials, the best config written), and the report.
+
+Trials here are trained by a stand-in whose score is a known function of the trial's values
+(peak at lr 1e-3, 8 epochs), reported epoch by epoch through the tuner's own pruning callback;
+training itself is `tfpneumo train` (tests/system/)."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tfpneumo import TfpneumoError
+from tfpneumo.config import load_config
+
+THIS = Path(__file__).resolve()
+
+SEARCH = {
+    "study": "s",
+    "trials": 8,
+    "sampler": "tpe",
+    "pruner": "median",
+    "space": {"optimizer.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+              "train.epochs": {"low": 2, "high": 12, "step": 2},
+              "model.attention": {"choices": ["none", "scse"]}},
+}
+
+
+def score(cfg) -> float:
+    """The stand-in's final score: 0.9 at lr 1e-3 and 8 epochs, lower away from them."""
+    return (0.9 - 0.1 * math.log10(cfg.optimizer.lr / 1e-3) ** 2
+            - 0.005 * (cfg.train.epochs - 8) ** 2 - 0.02 * (cfg.model.attention == "none"))
+
+
+def stand_in(cfg, folds, callbacks, workdir):
+    """Reports 4 epochs of validation Dice rising to ``score(cfg)``; stops when pruned."""
+    (pruning,) = callbacks
+    model = types.SimpleNamespace(stop_training=False)
+    pruning.set_model(model)
+    pruning.on_train_begin()
+    for epoch in range(4):
+        pruning.on_epoch_end(epoch, {"val_mask_dice@0.5": score(cfg) * (epoch + 1) / 4})
+        if model.stop_training:
+            break
+    return [{"fold": k, "best_oof_dice": score(cfg), "best_val_dice": score(cfg)} for k in folds]
+
+
+def slow_stand_in(cfg, folds, callbacks, workdir):
+    """The stand-in taking 0.5 s a trial, so that two processes overlap."""
+    time.sleep(0.5)
+    return stand_in(cfg, folds, callbacks, workdir)
+
+
+def write_search(folder: Path, **changes) -> Path:
+    path = folder / "search.yaml"
+    path.write_text(yaml.safe_dump({**SEARCH, **changes}))
+    return path
+
+
+def write_config(folder: Path) -> Path:
+    path = folder / "base.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "base", "data": {"batch_size": 4}}))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"space": {"optimizer.lr": {"low": 0.0, "high": 1.0, "log": True}}}, "log: true needs low > 0"),
+    ({"space": {"optimizer.lr": {"low": 1.0, "high": 0.5}}}, "low < high"),
+    ({"space": {"optimizer.lr": {"choices": []}}}, "choices: a non-empty list"),
+    ({"trials": 0}, "trials: a positive integer"),
+    ({"sampler": "grid"}, "sampler: 'grid' is not one of"),
+    ({"extra": 1}, "'extra': unknown key"),
+])
+def test_a_malformed_search_file_is_one_line_naming_the_key(tmp_path, changes, message):
+    from tfpneumo.tune import read_search
+
+    path = write_search(tmp_path, **changes)
+    with pytest.raises(TfpneumoError, match=re.escape(message)) as error:
+        read_search(path, "base")
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_key_that_is_not_in_the_config_fails_before_any_trial(tmp_path):
+    from tfpneumo.tune import tune
+
+    path = write_search(tmp_path, space={"optimizer.learning_rate": {"low": 0.1, "high": 0.2}})
+    with pytest.raises(TfpneumoError, match="search space optimizer.learning_rate"):
+        tune(None, [], path, workdir=tmp_path, trainer=stand_in)
+    assert not (tmp_path / "runs").exists()  # no study, no trial
+
+
+def test_the_study_runs_its_trials_prunes_and_writes_the_best_config(tmp_path):
+    import optuna
+
+    from tfpneumo.tune import report, tune
+
+    config, search = write_config(tmp_path), write_search(tmp_path)
+    summary = tune(config, ["data.shuffle_buffer=32"], search, workdir=tmp_path,
+                   trainer=stand_in)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/runs/s/study.db")
+    states = [t.state for t in study.trials]
+    assert len(states) == 8  # exactly the requested trials
+    assert states.count(optuna.trial.TrialState.PRUNED) >= 1  # the median pruner cut some
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value)
+    assert study.best_trial.number == best.number and f"best trial {best.number}" in summary
+    # each trial is a run of its own name
+    assert {t.user_attrs["experiment"] for t in study.trials} == {f"s-{i:04d}" for i in range(8)}
+
+    # the best config: the config file's keys, the --set value and the trial's values
+    written = load_config(tmp_path / "runs" / "s" / "best.yaml")
+    assert written.data.batch_size == 4 and written.data.shuffle_buffer == 32
+    assert written.optimizer.lr == pytest.approx(best.params["optimizer.lr"])
+    assert written.train.epochs == best.params["train.epochs"]
+    assert written.experiment == "s-best"
+    assert score(written) == pytest.approx(best.value)  # reproduces the trial's score
+    raw = yaml.safe_load((tmp_path / "runs" / "s" / "best.yaml").read_text())
+    assert set(raw) <= {"experiment", "data", "optimizer", "train", "model"}  # overrides only
+
+    # a second call finds the study complete and trains nothing
+    tune(config, [], search, workdir=tmp_path, trainer=stand_in)
+    assert len(optuna.load_study(study_name="s", storage=study._storage).trials) == 8
+
+    table = report(search, "base", workdir=tmp_path)
+    assert table.splitlines()[0].split() == ["trial", "state", "value", "seconds", "params"]
+    assert sum(" pruned " in line for line in table.splitlines()) == states.count(
+        optuna.trial.TrialState.PRUNED)
+    for name in ("optimization_history.png", "param_importances.png"):
+        assert (tmp_path / "runs" / "s" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_processes_share_one_study_and_run_disjoint_trials(tmp_path):
+    config, search = write_config(tmp_path), write_search(tmp_path, trials=10, pruner="none")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_tune as t; "
+            "from tfpneumo.tune import tune; "
+            "tune(sys.argv[2], [], t.Path(sys.argv[3]), workdir=t.Path(sys.argv[4]), "
+            "trainer=t.slow_stand_in)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(THIS.parent), str(config),
+                               str(search), str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    import optuna
+
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/runs/s/study.db")
+    counted = [t for t in study.trials if t.user_attrs.get("note") is None]
+    assert len(counted) == 10  # exactly the requested trials, over both processes
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
+    # every trial ran once (each process logged its own; together they are the study's)
+    logged = [int(line.split()[1].rstrip(":")) for err in errors for line in err.splitlines()
+              if line.startswith("trial ")]
+    assert sorted(logged) == sorted(t.number for t in counted)
+    assert all(any(line.startswith("trial ") for line in e.splitlines()) for e in errors)
+
