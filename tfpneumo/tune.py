@@ -171,12 +171,26 @@ def default_storage(workdir: Path, study: str) -> str:
 
 
 def open_study(search: Search, storage: str, seed: int):
+    """Creates or joins the study. Processes starting at once race to create the database's
+    tables and the study row: the loser retries and joins."""
     optuna = _optuna()
     sampler = (optuna.samplers.TPESampler(seed=seed) if search.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
-    return optuna.create_study(study_name=search.study, storage=storage, direction="maximize",
-                               sampler=sampler, pruner=_pruner(optuna, search.pruner),
-                               load_if_exists=True)
+    # SQLite: wait for another process's write lock instead of failing after 5 s
+    engine = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine)
+            return optuna.create_study(study_name=search.study, storage=rdb,
+                                       direction="maximize", sampler=sampler,
+                                       pruner=_pruner(optuna, search.pruner),
+                                       load_if_exists=True)
+        except Exception as e:  # sqlalchemy's errors of the race; the last one is raised
+            if attempt == 4:
+                raise TfpneumoError(f"--storage {storage}: cannot open the study ({e.__class__."
+                                    f"__name__}: {str(e).splitlines()[0][:200]})") from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _counted(trial) -> bool:
