@@ -187,8 +187,9 @@ def open_study(search: Search, storage: str, seed: int):
                                        load_if_exists=True)
         except Exception as e:  # sqlalchemy's errors of the race; the last one is raised
             if attempt == 4:
-                raise TfpneumoError(f"--storage {storage}: cannot open the study ({e.__class__."
-                                    f"__name__}: {str(e).splitlines()[0][:200]})") from None
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                raise TfpneumoError(f"--storage {storage}: cannot open the study "
+                                    f"({type(e).__name__}: {first})") from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
 
