@@ -22,6 +22,7 @@ from tfpneumo import TfpneumoError
 from tfpneumo.config import load_config
 
 THIS = Path(__file__).resolve()
+sys.path.insert(0, str(THIS.parent))  # system.test_scaleout's free_ports
 
 SEARCH = {
     "study": "s",
@@ -137,26 +138,85 @@ def test_the_study_runs_its_trials_prunes_and_writes_the_best_config(tmp_path):
         assert (tmp_path / "runs" / "s" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_two_processes_share_one_study_and_run_disjoint_trials(tmp_path):
+def postgres_binaries() -> Path | None:
+    """The folder of PostgreSQL's initdb and pg_ctl (Debian keeps them out of PATH)."""
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A PostgreSQL server of this test's own on 127.0.0.1 (trust authentication), stopped at
+    the end; its URL. Skips, saying why, where the server cannot run here."""
+    import os
+    import shutil
+    import tempfile
+
+    from system.test_scaleout import free_ports
+
+    pytest.importorskip("psycopg2", reason="no PostgreSQL driver: pip install -e '.[tune]'")
+    binaries = postgres_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; "
+                    ".ci/run installs it when apt can run)")
+    as_user: list[str] = []
+    # initdb refuses to run as root: run the server as Debian's postgres user then
+    folder = Path(tempfile.mkdtemp(prefix="tfpneumo-pg-"))
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(folder)
+            pytest.skip("running as root and there is no 'postgres' user to run the server")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_ports(1)[0]
+    data = folder / "data"
+
+    def run(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    run(str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+    run(str(binaries / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_processes_share_one_study_and_run_disjoint_trials(tmp_path, request, database):
+    import optuna
+
+    storage = (request.getfixturevalue("postgres") if database == "postgresql"
+               else f"sqlite:///{tmp_path}/runs/s/study.db")
     config, search = write_config(tmp_path), write_search(tmp_path, trials=10, pruner="none")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_tune as t; "
             "from tfpneumo.tune import tune; "
             "tune(sys.argv[2], [], t.Path(sys.argv[3]), workdir=t.Path(sys.argv[4]), "
-            "trainer=t.slow_stand_in)")
+            "storage=sys.argv[5], trainer=t.slow_stand_in)")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(THIS.parent), str(config),
-                               str(search), str(tmp_path)], stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+                               str(search), str(tmp_path), storage], stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
     errors = [p.communicate(timeout=240)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
-    import optuna
 
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/runs/s/study.db")
+    study = optuna.load_study(study_name="s", storage=storage)
     counted = [t for t in study.trials if t.user_attrs.get("note") is None]
     assert len(counted) == 10  # exactly the requested trials, over both processes
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
-    # every trial ran once (each process logged its own; together they are the study's)
+    # every trial ran once, in one of the processes (each logs its own)
     logged = [int(line.split()[1].rstrip(":")) for err in errors for line in err.splitlines()
               if line.startswith("trial ")]
     assert sorted(logged) == sorted(t.number for t in counted)
     assert all(any(line.startswith("trial ") for line in e.splitlines()) for e in errors)
-
+    assert (tmp_path / "runs" / "s" / "best.yaml").exists()
