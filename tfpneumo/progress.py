@@ -39,7 +39,8 @@ class Progress:
         if not final and self._first is not None and self.done > self._first[1]:
             rate = (self.done - self._first[1]) / max(now - self._first[0], 1e-9)
             eta = f", ETA {duration((self.total - self.done) / rate)}"
-        return (f"{self.label}: {self.done}/{self.total} images, {rate:.1f} img/s, "
+        digits = 2 if rate < 10 else 1  # 1024 px with folds runs at a fraction of an image/s
+        return (f"{self.label}: {self.done}/{self.total} images, {rate:.{digits}f} img/s, "
                 f"{seconds:.1f} s{eta}")
 
     def restart(self) -> None:
