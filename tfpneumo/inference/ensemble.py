@@ -33,8 +33,8 @@ def predict_batch(net: keras.Model, images, hflip: bool = True) -> tuple[tf.Tens
     if not hflip:
         out = net(images, training=False)
         return tf.cast(out["mask"], tf.float32), tf.reshape(tf.cast(out["label"], tf.float32), [-1])
-    # One forward of the batch and its mirror together (2B images): one pass through the
-    # layers instead of two is faster on a CPU (issue 13; tfpneumo bench, "inference").
+    # The batch and its mirror in one forward (2B images), not two: the same maps bit for
+    # bit, 1.00-1.06x on the 2-core CPU (issue 13; README, "Speed and progress").
     n = tf.shape(images)[0]
     out = net(tf.concat([images, tf.reverse(images, axis=[2])], axis=0), training=False)
     mask, label = tf.cast(out["mask"], tf.float32), tf.cast(out["label"], tf.float32)
@@ -101,7 +101,8 @@ def ensemble_predictor(nets: list[keras.Model], hflip: bool = True,
     both float32: :func:`ensemble_tta` in one graph.
 
     Traced once for any batch and image size (the input signature leaves them unknown). No
-    XLA: on this project's CPU it was slower and changed the maps (README, Benchmarks).
+    XLA: on this project's CPU it was slower and changed the maps (README, "Speed and
+    progress").
     """
     if not nets:
         raise ValueError("an ensemble needs at least one network")
