@@ -34,7 +34,7 @@ def predict_batch(net: keras.Model, images, hflip: bool = True) -> tuple[tf.Tens
         out = net(images, training=False)
         return tf.cast(out["mask"], tf.float32), tf.reshape(tf.cast(out["label"], tf.float32), [-1])
     # The batch and its mirror in one forward (2B images), not two: the same maps bit for
-    # bit, 1.00-1.06x on the 2-core CPU (issue 13; README, "Speed and progress").
+    # bit, 0.99-1.06x on the 2-core CPU (issue 13; README, "Speed and progress").
     n = tf.shape(images)[0]
     out = net(tf.concat([images, tf.reverse(images, axis=[2])], axis=0), training=False)
     mask, label = tf.cast(out["mask"], tf.float32), tf.cast(out["label"], tf.float32)
