@@ -212,12 +212,40 @@ def test_prepare_without_data_is_skipped(tmp_path):
 
 
 def test_inference_section_tiny(tf):
-    result = inference.bench_inference(harness.Context(quick=True), cases=[(64, 1, True, 1, 2)])
+    result = inference.bench_inference(harness.Context(quick=True), cases=[(64, 1, True, 1, 2)],
+                                       ensemble=[])
     (row,) = result["rows"]
     assert "error" not in row, row.get("error")
     check_spread(row["img_per_s"])
     assert row["images"] == 2 and positive_finite(row["first_call_s"])
     assert inference.rows_inference(result)[0].setting == "64 px x1, hflip TTA"
+    assert "ensemble" not in result
+
+
+def test_inference_before_and_after_issue_13_in_the_same_rounds(tf):
+    """The old per-pass path and submit's, timed interleaved, give the same maps. The tiny
+    test network as the one fold keeps this fast (the section builds base networks)."""
+    import keras
+    from factories import tiny_model_file
+
+    net = keras.saving.load_model(tiny_model_file(), safe_mode=True, compile=False)
+    e = inference.bench_ensemble(64, 2, 1, 2, ("per-pass", "one forward"), first=net)
+    before, after = e["variants"]["per-pass"], e["variants"]["one forward"]
+    for v in (before, after):
+        check_spread(v["img_per_s"])
+        assert v["img_per_s"]["n"] == 2 and positive_finite(v["first_call_s"])
+    assert before["speedup"] == 1.0
+    assert after["speedup"] == pytest.approx(after["img_per_s"]["median"]
+                                             / before["img_per_s"]["median"])
+    assert after["pixels_differ"] == 0 and after["max_abs_diff"] < 1e-5
+    assert after["pixels"] == 2 * 64 * 64
+    rows = inference.rows_inference({"rows": [], "ensemble": e})
+    assert [r.setting for r in rows] == ["64 px x2, 1 fold, hflip: per-pass (before issue 13)",
+                                         "  image + mirror in one forward per fold (submit)"]
+    assert rows[1].figure.endswith(f": {after['speedup']:.2f}x")
+    assert inference.rows_inference({"rows": [], "ensemble": {"error": "E: x"}})[0].figure == "failed"
+    with pytest.raises(ValueError, match="need per-pass"):
+        inference.bench_ensemble(64, 1, 1, 1, ("one forward",), first=net)
 
 
 def fake_report() -> dict:

@@ -164,6 +164,54 @@ def test_multiscale_and_ensemble_on_pointwise_models(tf):
     np.testing.assert_allclose(label.numpy(), [expected, expected], atol=1e-6)
 
 
+def test_two_folds_with_flip_in_one_forward_keep_the_masks_of_separate_passes(siim_mini, net):
+    """Issue 13: each fold sees a batch and its mirror in one forward. Oracle, by hand: each
+    network on the images, then separately on their mirror (eager, all 10 at once), mirror
+    back, average; then the folds. The masks submit would write (1024 x 1024, from the map
+    at 256) must be identical at every threshold, on the real test DICOMs of siim-mini."""
+    import cv2
+    import keras
+
+    from tfpneumo.evaluation.rules import Rule
+    from tfpneumo.inference.ensemble import Predictor
+
+    second = keras.saving.load_model(tiny_model_file(), safe_mode=True, compile=False)
+    rng = np.random.default_rng(3)
+    for v in second.trainable_weights:  # another fold: every kernel rescaled at random
+        if "kernel" in v.path:
+            v.assign(v.numpy() * rng.uniform(0.7, 1.3, v.shape).astype(np.float32))
+    nets, size = [net, second], 256
+    files = sorted((siim_mini / "dicom-images-test").glob("*.dcm"))
+    assert len(files) == 10
+    # batches of 3, 3, 3 and 1: every slice of the doubled batch, the last one short
+    ensemble = Predictor(files=[], size=size, batch_size=3, hflip=True, scales=(1.0,),
+                         clahe=False, run=ensemble_predictor(nets, hflip=True))
+    got = list(ensemble.predict([(f.stem, f) for f in files]))
+    assert [p.image_id for p in got] == [f.stem for f in files]
+
+    x = np.stack([cv2.resize(read_dicom(f)[0], (size, size), interpolation=cv2.INTER_AREA)
+                  for f in files]).astype(np.float32)[..., None]
+    maps, labels = [], []
+    for n in nets:
+        plain, mirrored = n(x, training=False), n(x[:, :, ::-1].copy(), training=False)
+        maps.append(0.5 * (plain["mask"].numpy() + mirrored["mask"].numpy()[:, :, ::-1]))
+        labels.append(0.5 * (plain["label"].numpy() + mirrored["label"].numpy())[:, 0])
+    expected, expected_label = 0.5 * (maps[0] + maps[1])[..., 0], 0.5 * (labels[0] + labels[1])
+    assert np.abs(maps[0] - maps[1]).max() > 0.05  # the two folds really differ
+
+    np.testing.assert_allclose(np.stack([p.prob for p in got]), expected, atol=1e-5)
+    np.testing.assert_allclose([p.label_prob for p in got], expected_label, atol=1e-5)
+    differing = 0
+    for q in (0.1, 0.3, 0.5, 0.7, 0.9):
+        cut = float(np.quantile(expected, q))
+        rule = Rule("triplet", bottom=cut, top=cut, min_area=1)
+        for p, want, label in zip(got, expected, expected_label, strict=True):
+            mask = rule.mask(p.prob, p.label_prob, p.original.shape)
+            assert mask.shape == (1024, 1024)
+            differing += np.count_nonzero(mask != rule.mask(want, label, (1024, 1024)))
+    assert differing == 0
+
+
 def test_predict_on_a_full_disk_leaves_no_partial_png(siim_mini, tmp_path, monkeypatch):
     """Issue 11: a full disk left 0-byte PNGs under final names. Every PNG is written whole
     or not at all, and ENOSPC is one line naming the file (the write itself is made to fail:

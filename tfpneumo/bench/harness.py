@@ -13,7 +13,9 @@ NAME``), so its peak resident memory is its own and no TensorFlow state carries 
 * ``train``: the train step of :class:`tfpneumo.training.trainer.Trainer` (each setting in its own
   process): precision, XLA, batch size, against the PyTorch reference.
 * ``inference``: :func:`tfpneumo.inference.ensemble_predictor` as ``tfpneumo submit`` uses it,
-  at 1024 with horizontal-flip TTA, and at 256 px batch 4 (the training parity setting).
+  at 1024 with horizontal-flip TTA, and at 256 px batch 4 (the training parity setting); then
+  a 2-fold ensemble at 1024 with flip TTA through the path before issue 13 (two forwards per
+  fold) and submit's (one), in interleaved rounds (the full run adds bfloat16 and XLA).
 * ``peer``: segmentation_models.pytorch's ``Unet("resnet34")`` trained and run at the train
   and inference sections' settings (the ``peer`` extra; skipped without it).
 * ``limit``: the float32 / bfloat16 matmul peak and the network's FLOPs per image (TF's cost

@@ -13,12 +13,15 @@ from tfpneumo.bench.harness import INFERENCE_CASES, Context, Row, device_name, e
 from tfpneumo.bench.synthetic import base_model_config
 
 
-def bench_inference(ctx: Context, *, cases: Sequence[Sequence] | None = None, seed: int = 0) -> dict:
+def bench_inference(ctx: Context, *, cases: Sequence[Sequence] | None = None,
+                    ensemble: Sequence | None = None, seed: int = 0) -> dict:
     """Test-time prediction as ``tfpneumo submit`` runs it: ``ensemble_predictor([net])`` of
     the base config's network (random weights, float32) on grey-pixel batches, as submit feeds it.
 
     ``cases``: ``(size, batch, hflip, batches_per_window, windows)``. The first call (trace and
     first-shape set-up) is reported apart; DICOM decoding (~5 ms an image) is not included.
+    ``ensemble``: ``(size, batch, folds, repeats, variants)`` for :func:`bench_ensemble`
+    (default :data:`ENSEMBLE_CASE`; ``[]`` skips it).
     """
     from tfpneumo.tfimport import quiet_tensorflow
 
@@ -64,7 +67,14 @@ def bench_inference(ctx: Context, *, cases: Sequence[Sequence] | None = None, se
         except Exception as e:
             row["error"] = error_line(e)
         rows.append(row)
-    return {"rows": rows, "device": device_name()}
+    out = {"rows": rows, "device": device_name()}
+    ensemble = ENSEMBLE_CASE[ctx.quick] if ensemble is None else ensemble
+    if ensemble:
+        try:
+            out["ensemble"] = bench_ensemble(*ensemble, seed=seed, first=net)
+        except Exception as e:
+            out["ensemble"] = {"error": error_line(e)}
+    return out
 
 
 def rows_inference(result: dict) -> list[Row]:
@@ -78,4 +88,143 @@ def rows_inference(result: dict) -> list[Row]:
         note = (f"{per_cpu:.2f} img/CPU-s; " if per_cpu else "") + (
             f"first call {r['first_call_s']:.1f} s; {r['images']} images timed")
         out.append(Row(setting, f"{s['median']:.2f} img/s{span(s, '.2f')}", note))
+    if "ensemble" in result:
+        out += rows_ensemble(result["ensemble"])
     return out
+
+
+# ----------------------------------------------------------------------------- the fold ensemble
+
+# (size, batch, folds, repeats, variants) by quick: the issue 13 comparison at submit's size.
+# bfloat16 (a trace of its own) only in the full run. XLA never by default: at 1024 px its
+# first call passed 15 GB resident before we stopped it (TF 2.21, CPU); at 256 px it ran at
+# 0.6x (--params '{"inference": {"ensemble": [256, 2, 2, 3, ["per-pass", "xla"]]}}').
+ENSEMBLE_CASE = {True: (1024, 1, 2, 3, ("per-pass", "one forward")),
+                 False: (1024, 2, 2, 5, ("per-pass", "one forward", "bfloat16"))}
+VARIANTS = ("per-pass", "one forward", "bfloat16", "xla")
+
+
+def per_pass_predictor(nets: list):
+    """The path ``submit`` took before issue 13, kept to time against: each network on the
+    batch, then a second forward on its mirror, mirrored back and averaged; then the folds."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
+    def run(images):
+        masks, labels = [], []
+        for net in nets:
+            out = net(images, training=False)
+            flipped = net(tf.reverse(images, axis=[2]), training=False)
+            masks.append(0.5 * (out["mask"] + tf.reverse(flipped["mask"], axis=[2])))
+            labels.append(tf.reshape(0.5 * (out["label"] + flipped["label"]), [-1]))
+        return tf.add_n(masks) / len(nets), tf.add_n(labels) / len(nets)
+
+    return run
+
+
+def bench_ensemble(size: int, batch: int, folds: int, repeats: int,
+                   variants: Sequence[str] = VARIANTS[:2], seed: int = 0, first=None) -> dict:
+    """A fold ensemble (``folds`` random base networks) with flip TTA at ``size`` px, batch
+    ``batch``, through each of ``variants``, timed interleaved (``repeats`` rounds of one
+    call each: the machine's drift hits every variant alike):
+
+    * ``per-pass``: :func:`per_pass_predictor` (before issue 13);
+    * ``one forward``: :func:`tfpneumo.inference.ensemble.ensemble_predictor`, what submit runs;
+    * ``bfloat16``: the same with the networks built under ``mixed_bfloat16`` (same weights);
+    * ``xla``: the same as ``one forward`` with ``jit_compile=True``.
+
+    Each variant's map is compared with ``per-pass``'s: the largest difference and the pixels
+    on the other side of a cut at the median of per-pass's map (random networks' maps sit
+    near the mask prior, so a fixed 0.5 would cut nothing). ``first``: fold 0, if built
+    already (the base network of seed ``seed``); fold k has seed ``seed + k``.
+    """
+    from tfpneumo.tfimport import quiet_tensorflow
+
+    tf = quiet_tensorflow()
+    import keras
+
+    from tfpneumo.config import Config
+    from tfpneumo.inference.ensemble import ensemble_predictor, ensemble_tta
+    from tfpneumo.models.unet import build_model
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "per-pass" not in variants:
+        raise ValueError(f"variants {list(variants)}: need per-pass, and only {VARIANTS}")
+    cfg = base_model_config(Config())
+    nets = [] if first is None else [first]
+    for k in range(len(nets), folds):
+        keras.utils.set_random_seed(seed + k)
+        nets.append(build_model(cfg))
+    runs = {}
+    for name in variants:
+        if name == "per-pass":
+            runs[name] = per_pass_predictor(nets)
+        elif name == "one forward":
+            runs[name] = ensemble_predictor(nets, hflip=True)
+        elif name == "bfloat16":
+            policy = keras.config.dtype_policy()
+            keras.config.set_dtype_policy("mixed_bfloat16")
+            try:
+                halves = [build_model(cfg) for _ in nets]
+            finally:
+                keras.config.set_dtype_policy(policy)
+            for half, net in zip(halves, nets, strict=True):
+                half.set_weights(net.get_weights())
+            runs[name] = ensemble_predictor(halves, hflip=True)
+        else:
+            runs[name] = tf.function(lambda x: ensemble_tta(nets, x, True), jit_compile=True,
+                                     input_signature=[tf.TensorSpec([None, None, None, 1],
+                                                                    tf.float32)])
+    images = np.random.default_rng(seed).integers(0, 256, (batch, size, size, 1)).astype(np.float32)
+    out: dict[str, Any] = {"size": size, "batch": batch, "folds": folds, "repeats": repeats,
+                           "variants": {}}
+    maps = {}
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        maps[name] = run(images)[0].numpy()
+        out["variants"][name] = {"first_call_s": time.perf_counter() - t0}
+    cut = float(np.median(maps["per-pass"]))
+    for name, m in maps.items():
+        out["variants"][name].update(
+            max_abs_diff=float(np.abs(m - maps["per-pass"]).max()),
+            pixels_differ=int(np.count_nonzero((m >= cut) != (maps["per-pass"] >= cut))),
+            pixels=int(m.size))
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run(images)[0].numpy()
+            walls[name].append(time.perf_counter() - t0)
+    for name, w in walls.items():
+        out["variants"][name]["img_per_s"] = spread([batch / t for t in w])
+    before = out["variants"]["per-pass"]["img_per_s"]["median"]
+    for v in out["variants"].values():  # the medians of the same rounds
+        v["speedup"] = v["img_per_s"]["median"] / before
+    progress(f"inference ensemble {size} px x{batch}, {folds} folds, hflip: " + ", ".join(
+        f"{n} {v['img_per_s']['median']:.3f} img/s" for n, v in out["variants"].items()))
+    return out
+
+
+def rows_ensemble(e: dict) -> list[Row]:
+    if "error" in e:
+        return [Row("fold ensemble, hflip", "failed", e["error"])]
+    head = f"{e['size']} px x{e['batch']}, {e['folds']} fold{'s' if e['folds'] != 1 else ''}, hflip"
+    labels = {"per-pass": f"{head}: per-pass (before issue 13)",
+              "one forward": "  image + mirror in one forward per fold (submit)",
+              "bfloat16": "  same, networks in mixed_bfloat16",
+              "xla": "  same, XLA (jit_compile)"}
+    rows = []
+    for name, v in e["variants"].items():
+        s = v["img_per_s"]
+        figure = f"{s['median']:.3f} img/s{span(s, '.3f')}"
+        note = f"first call {v['first_call_s']:.0f} s"
+        if name != "per-pass":
+            figure += f": {v['speedup']:.2f}x"
+            same = ("maps bit-identical" if v["max_abs_diff"] == 0 else
+                    f"max |map diff| {v['max_abs_diff']:.2g}, {v['pixels_differ']} of "
+                    f"{v['pixels']} pixels cross the median cut")
+            note = f"{same}; {note}"
+        else:
+            note += f"; medians of {e['repeats']} interleaved rounds"
+        rows.append(Row(labels[name], figure, note))
+    return rows

@@ -249,7 +249,7 @@ def _ensemble_outputs(nets: list, size: int, rule: Rule, hflip: bool, scales: tu
     :data:`OUTPUTS` (height and width: tensors, or Python ints for a fixed size)."""
     import tensorflow as tf
 
-    from tfpneumo.inference.ensemble import predict_tta
+    from tfpneumo.inference.ensemble import ensemble_tta
 
     # Python numbers, made constants inside the graph (captured eager tensors would become
     # extra inputs of a converted ONNX graph)
@@ -260,13 +260,7 @@ def _ensemble_outputs(nets: list, size: int, rule: Rule, hflip: bool, scales: tu
     def outputs(grey, height, width):
         pixels = network_pixels(grey, height, width, size)
         pixels = tf.ensure_shape(pixels, [None, size, size, 1])
-        masks, labels = [], []
-        for net in nets:
-            mask, label = predict_tta(net, pixels, hflip, scales)
-            masks.append(mask)
-            labels.append(label)
-        prob = tf.add_n(masks) / len(nets)  # (B, size, size, 1)
-        label_prob = tf.add_n(labels) / len(nets)  # (B,)
+        prob, label_prob = ensemble_tta(nets, pixels, hflip, scales)  # (B, size, size, 1), (B,)
         # Rule.gate on the map at the prediction size (where min_area holds)
         area = tf.reduce_sum(tf.cast(prob >= tf.constant(cut, tf.float32), tf.int32), axis=[1, 2, 3])
         positive = area >= tf.constant(min_area, tf.int32)
