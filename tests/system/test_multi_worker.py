@@ -183,8 +183,8 @@ def test_killed_or_preempted_worker_and_relaunch_resume(cache, tmp_path):
     """kill -9 of the chief mid-epoch: the relaunch resumes from the last completed epoch;
     SIGTERM to a worker (a preemption notice): every worker stops after the same step, the
     chief saves that step first, and the relaunch resumes from it. The run ends as an
-    uninterrupted one: 3 epochs, 3 x 4 optimizer steps, a complete run folder."""
-    config = config_file(tmp_path, cache, epochs=3, steps=4)
+    uninterrupted one: 3 epochs, 3 x 3 optimizer steps, a complete run folder."""
+    config = config_file(tmp_path, cache, epochs=3, steps=3)
     ports = free_ports(2)
     run = tmp_path / "runs" / "killed" / "fold_0"
 
@@ -203,7 +203,7 @@ def test_killed_or_preempted_worker_and_relaunch_resume(cache, tmp_path):
         finish(procs, timeout=30)
     state = json.loads((run / "state" / "state.json").read_text())
     assert state["completed_epochs"] == 1 and "steps_into_epoch" not in state
-    assert optimizer_steps(run) == 4
+    assert optimizer_steps(run) == 3
     assert not (run / "result.json").exists()
     assert (run / ".lock").exists()  # left by the killed chief: stale, the relaunch takes it
 
@@ -219,8 +219,8 @@ def test_killed_or_preempted_worker_and_relaunch_resume(cache, tmp_path):
     for code, _, err in preempted:  # both stopped on their own, with the same message
         assert code == 1 and "stopped by SIGTERM in epoch 3 after step" in err, err[-2000:]
     state = json.loads((run / "state" / "state.json").read_text())
-    assert state["completed_epochs"] == 2 and 1 <= state["steps_into_epoch"] <= 4
-    done_steps = 2 * 4 + state["steps_into_epoch"]
+    assert state["completed_epochs"] == 2 and 1 <= state["steps_into_epoch"] <= 3
+    done_steps = 2 * 3 + state["steps_into_epoch"]
     assert optimizer_steps(run) == done_steps  # saved at the step it stopped, not the epoch
 
     results = finish(launch_workers(config, "killed", tmp_path, ports))
@@ -230,7 +230,7 @@ def test_killed_or_preempted_worker_and_relaunch_resume(cache, tmp_path):
     rows = (run / "history.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
     assert json.loads((run / "result.json").read_text())["epochs"] == 3
-    assert optimizer_steps(run) == 12  # 3 epochs x 4 steps: the schedule continued
+    assert optimizer_steps(run) == 9  # 3 epochs x 3 steps: the schedule continued
     assert not (run / ".lock").exists()
 
 
