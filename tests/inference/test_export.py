@@ -252,10 +252,26 @@ np.savez(out, **outputs)
 ONNX_MISSING = [m for m in ("tf2onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
 
 
+def assert_served_like_predict(served, predictions, decision) -> None:
+    """A converted model's outputs (``served[f"{name}_{i}"]``) against predict's: the
+    probability within TOLERANCE, mask pixels the same except within 1e-5 of the threshold
+    (another runtime's float arithmetic), the label probability and the decision."""
+    from tfpneumo.evaluation.rules import resize_prob
+
+    for i, p in enumerate(predictions):
+        prob = resize_prob(p.prob, p.original.shape)
+        assert np.abs(served[f"probability_{i}"] - prob).max() <= TOLERANCE
+        differ = served[f"mask_{i}"].astype(bool) != decision.mask(p.prob, p.label_prob,
+                                                                   p.original.shape)
+        assert np.all(np.abs(prob[differ] - decision.bottom) <= 1e-5)
+        assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
+        assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)
+
+
 @pytest.mark.skipif(bool(ONNX_MISSING), reason=f"{', '.join(ONNX_MISSING)} not installed: "
                     "pip install 'tfpneumo[export]' to test --format onnx")
 def test_onnx_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
-    from tfpneumo.evaluation.rules import resize_prob, resolve_rule
+    from tfpneumo.evaluation.rules import resolve_rule
     from tfpneumo.inference.export import export
 
     cfg, predictions = real_run.cfg, real_run.predictions[:2]  # 8-bit only
@@ -275,18 +291,10 @@ def test_onnx_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
     subprocess.run([sys.executable, "-c", SERVE_ONNX, str(out / "model.onnx"),
                     str(tmp_path / "images.npz"), str(tmp_path / "served.npz")], check=True,
                    capture_output=True, timeout=300)
-    served = np.load(tmp_path / "served.npz")
-    for i, p in enumerate(predictions):
-        prob = resize_prob(p.prob, p.original.shape)
-        assert np.abs(served[f"probability_{i}"] - prob).max() <= TOLERANCE
-        # onnxruntime's float arithmetic differs from TensorFlow's by ~1e-6 (measured 1.5e-6);
-        # the tiny random network puts many pixels at ~0.5, so a pixel within that of the
-        # threshold may fall the other way (measured: 5 of 10.5 M pixels on 10 DICOMs)
-        differ = served[f"mask_{i}"].astype(bool) != decision.mask(p.prob, p.label_prob,
-                                                                   p.original.shape)
-        assert np.all(np.abs(prob[differ] - decision.bottom) <= 1e-5)
-        assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
-        assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)
+    # onnxruntime's float arithmetic differs from TensorFlow's by ~1e-6 (measured 1.5e-6);
+    # the tiny random network puts many pixels at ~0.5, so a pixel within that of the
+    # threshold may fall the other way (measured: 5 of 10.5 M pixels on 10 DICOMs)
+    assert_served_like_predict(np.load(tmp_path / "served.npz"), predictions, decision)
 
 
 def test_the_graph_resizes_dicom_pixels_like_predict(siim_mini, tf):
@@ -340,7 +348,7 @@ def test_litert_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
     """model.tflite (float32, input fixed to 1 x 1024 x 1024) in the LiteRT interpreter against
     predict on two real test DICOMs, and its uint16 signature against predict on a 16-bit
     DICOM made from one of them."""
-    from tfpneumo.evaluation.rules import resize_prob, resolve_rule
+    from tfpneumo.evaluation.rules import resolve_rule
     from tfpneumo.inference.export import export
 
     cfg, wide, predictions = real_run.cfg, real_run.wide, real_run.predictions
@@ -362,17 +370,11 @@ def test_litert_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
     served = serve_litert(out / "model.tflite", served_inputs(predictions, {2: wide}), tmp_path)
     assert list(served["signatures"]) == ["serving_default", "serving_uint16"]
     for i, p in enumerate(predictions):
-        prob = resize_prob(p.prob, p.original.shape)
         assert served[f"probability_{i}"].shape == p.original.shape == (1024, 1024)
-        assert np.abs(served[f"probability_{i}"] - prob).max() <= TOLERANCE
-        # LiteRT's float arithmetic differs from TensorFlow's by ~1e-6 (measured 1.3e-6); a
-        # pixel within that of the threshold may fall the other way (measured: 3 of 10.5 M
-        # pixels on 10 DICOMs, none on these)
-        differ = served[f"mask_{i}"].astype(bool) != decision.mask(p.prob, p.label_prob,
-                                                                   p.original.shape)
-        assert np.all(np.abs(prob[differ] - decision.bottom) <= 1e-5)
-        assert abs(float(served[f"label_probability_{i}"]) - p.label_prob) <= TOLERANCE
-        assert bool(served[f"positive_{i}"]) == decision.gate(p.prob, p.label_prob)
+    # LiteRT's float arithmetic differs from TensorFlow's by ~1e-6 (measured 1.3e-6); a
+    # pixel within that of the threshold may fall the other way (measured: 3 of 10.5 M
+    # pixels on 10 DICOMs, none on these)
+    assert_served_like_predict(served, predictions, decision)
 
 @pytest.mark.skipif(LITERT_MISSING, reason="ai-edge-litert not installed: "
                     "pip install 'tfpneumo[export]' to test --format litert")
