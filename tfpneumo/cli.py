@@ -150,6 +150,8 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<experiment>/).")] = None,
     weights: Annotated[str, typer.Option(help="Whose out-of-fold predictions: auto (the averaged "
                                          "network if any) | swa | topk | best | final.")] = "auto",
+    merges: Annotated[str, typer.Option(help="Ways of merging the TTA members to compare: 'all' "
+                                        "or some of mean,median,geomean,mask_median.")] = "all",
     set_: SetOpt = None,
 ) -> None:
     """Search thresholds on the out-of-fold predictions (triplet and classifier rules)."""
@@ -161,7 +163,8 @@ def evaluate(
     from tfpneumo.evaluation.report import evaluate as run_evaluate
 
     cfg = load_config(config, set_ or [])
-    typer.echo(run_evaluate(cfg, folds=fold_list, out=out, weights=weights, **grids))
+    typer.echo(run_evaluate(cfg, folds=fold_list, out=out, weights=weights,
+                            merges=grammar.parse_merges(merges), **grids))
 
 
 # Options shared by submit and predict: which models, which thresholds, which TTA.
@@ -177,12 +180,15 @@ BottomOpt = Annotated[float | None, typer.Option(help="Mask threshold (alone: th
 LabelOpt = Annotated[float | None, typer.Option(help="Classification-head threshold.")]
 ScalesOpt = Annotated[str, typer.Option(help="Multi-scale TTA, e.g. 0.75,1,1.25.")]
 HflipOpt = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal-flip TTA.")]
+MergeOpt = Annotated[str | None, typer.Option(help="How folds x TTA members become one map: mean | "
+                                              "median | geomean | mask_median (default: "
+                                              "evaluate's choice).")]
 
 
-def _rule(kind, top, min_area, bottom, label_threshold) -> dict:
+def _rule(kind, top, min_area, bottom, label_threshold, merge) -> dict:
     """The command-line overrides of evaluate's rule for submit and predict (None = keep)."""
     return {"kind": kind, "top": top, "min_area": min_area, "bottom": bottom,
-            "label_threshold": label_threshold}
+            "label_threshold": label_threshold, "merge": merge}
 
 
 @app.command()
@@ -195,7 +201,8 @@ def submit(
     data: Annotated[Path | None, typer.Option(help="SIIM folder with dicom-images-test/.")] = None,
     folds: FoldsOpt = "all", weights: WeightsOpt = "auto", size: SizeOpt = 1024,
     rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
-    label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
+    label_threshold: LabelOpt = None, merge: MergeOpt = None, scales: ScalesOpt = "1.0",
+    hflip: HflipOpt = True,
     set_: SetOpt = None,
 ) -> None:
     """Predict the test DICOMs with the fold ensemble and write a competition submission."""
@@ -206,7 +213,7 @@ def submit(
     typer.echo(run_submit(cfg, out=out, rle=rle, sample_submission=sample_submission, data=data,
                           folds=grammar.parse_folds(folds), weights=weights, size=size, hflip=hflip,
                           scales=grammar.parse_scales(scales),
-                          rule=_rule(rule, top, min_area, bottom, label_threshold)))
+                          rule=_rule(rule, top, min_area, bottom, label_threshold, merge)))
 
 
 @app.command()
@@ -217,7 +224,8 @@ def predict(
     config: ConfigOpt = None,
     folds: FoldsOpt = "all", weights: WeightsOpt = "auto", size: SizeOpt = 1024,
     rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
-    label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
+    label_threshold: LabelOpt = None, merge: MergeOpt = None, scales: ScalesOpt = "1.0",
+    hflip: HflipOpt = True,
     fmt: Annotated[str, typer.Option("--format", help="png (probability, mask and overlay PNGs) | "
                                      "dicom-seg (one DICOM Segmentation per image) | "
                                      "png,dicom-seg.")] = "png",
@@ -236,7 +244,7 @@ def predict(
     cfg = load_config(config, set_ or [])
     typer.echo(run_predict(cfg, files, out=out, folds=grammar.parse_folds(folds), weights=weights,
                            size=size, hflip=hflip, scales=grammar.parse_scales(scales),
-                           rule=_rule(rule, top, min_area, bottom, label_threshold),
+                           rule=_rule(rule, top, min_area, bottom, label_threshold, merge),
                            formats=fmt.split(","), seg_type=seg_type, save_probs=save_probs,
                            explain=explain))
 
@@ -284,7 +292,8 @@ def export(
         help="litert only: none (float32) | float16 (float16 weights) | dynamic (int8 "
         "weights).")] = "none",
     rule: RuleOpt = None, top: TopOpt = None, min_area: AreaOpt = None, bottom: BottomOpt = None,
-    label_threshold: LabelOpt = None, scales: ScalesOpt = "1.0", hflip: HflipOpt = True,
+    label_threshold: LabelOpt = None, merge: MergeOpt = None, scales: ScalesOpt = "1.0",
+    hflip: HflipOpt = True,
     set_: SetOpt = None,
 ) -> None:
     """One self-contained model of the fold ensemble, TTA and rule (uint8 or uint16 images in)."""
@@ -296,7 +305,7 @@ def export(
                           weights=weights, size=size, hflip=hflip,
                           scales=grammar.parse_scales(scales), input_size=input_size,
                           quantize=quantize,
-                          rule=_rule(rule, top, min_area, bottom, label_threshold)))
+                          rule=_rule(rule, top, min_area, bottom, label_threshold, merge)))
 
 
 @app.command()

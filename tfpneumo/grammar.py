@@ -32,6 +32,21 @@ def parse_folds(text: str, option: str = "--folds") -> Literal["all"] | list[int
     return values
 
 
+def parse_merges(text: str, option: str = "--merges") -> tuple[str, ...]:
+    """``"all"`` or comma-separated merge names (:data:`tfpneumo.evaluation.rules.MERGES`),
+    returned in that order."""
+    from tfpneumo.evaluation.rules import MERGES
+
+    raw = str(text).strip()
+    if raw.lower() == "all":
+        return MERGES
+    names = {x.strip() for x in raw.split(",") if x.strip()}
+    unknown = sorted(names - set(MERGES))
+    if not names or unknown:
+        raise TfpneumoError(f"{option} {text!r}: expected 'all' or some of {','.join(MERGES)}")
+    return tuple(m for m in MERGES if m in names)
+
+
 def parse_grid(text: str, name: str) -> np.ndarray:
     """A grid option: ``"start:stop[:step]"`` (stop included, step 0.05) or ``"0.3,0.5"``.
 

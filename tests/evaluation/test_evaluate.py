@@ -17,7 +17,7 @@ from tfpneumo.evaluation.oof import OofStats
 from tfpneumo.evaluation.report import _border_notes, evaluate
 from tfpneumo.evaluation.rules import Rule
 from tfpneumo.evaluation.search import Grids, search, snap
-from tfpneumo.grammar import area_grid, parse_folds, parse_grid, probability_grid
+from tfpneumo.grammar import area_grid, parse_folds, parse_grid, parse_merges, probability_grid
 from tfpneumo.runs import EVALUATION_JSON, evaluation_names
 
 _, IMAGES_CSV, HEATMAP_PNG = evaluation_names("auto")
@@ -291,12 +291,16 @@ def test_off_grid_thresholds_score_at_the_snapped_edge(tf):
 # ----------------------------------------------------------------------------- end to end
 
 def write_fold(root: Path, fold: int, stats: OofStats, *, trained: bool = True,
-               model: str = "best", name: str = "oof.npz") -> None:
+               model: str = "best", name: str = "oof.npz",
+               merged: dict[str, OofStats] | None = None) -> None:
+    """One fold's statistics file as training writes it; ``merged``: {merge: its statistics}."""
     folder = root / f"fold_{fold}"
     folder.mkdir(parents=True, exist_ok=True)
+    extra = {f"{key}_{merge}": getattr(other, key) for merge, other in (merged or {}).items()
+             for key in ("label_prob", "hist_all", "hist_true")}
     np.savez(folder / name, image_id=stats.image_id, label_prob=stats.label_prob,
              has_mask=stats.has_mask, hist_all=stats.hist_all, hist_true=stats.hist_true,
-             pixels=stats.pixels, fold=fold, model=model)
+             pixels=stats.pixels, fold=fold, model=model, **extra)
     if trained:
         (folder / "result.json").write_text(json.dumps({"fold": fold}))
 
@@ -471,3 +475,106 @@ def test_each_weights_kind_is_evaluated_on_its_own_statistics(fake_run):
                                             r"--weights swa") as info:
         evaluate(Config(experiment="x"), workdir=workdir, weights="swa", **grids)
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- merges
+
+def test_oof_statistics_hold_every_merge_of_the_flip_members(tf):
+    """Oracle: an asymmetric toy network run by hand on the images and on their mirror, the
+    two maps merged with numpy, histogrammed with numpy."""
+    import keras
+
+    from tfpneumo.evaluation.oof import out_of_fold_statistics
+
+    rng = np.random.default_rng(21)
+    image = keras.Input((None, None, 1))
+    logits = keras.layers.Conv2D(1, 3, padding="same")(keras.layers.Rescaling(1 / 64)(image))
+    mask = keras.layers.Activation("sigmoid", name="mask")(logits)
+    net = keras.Model(image, {"mask": mask, "label": keras.layers.GlobalMaxPooling2D(name="label")(mask)})
+    net.layers[2].set_weights([rng.normal(0, 1, (3, 3, 1, 1)).astype(np.float32), np.zeros(1, np.float32)])
+    x = rng.uniform(0, 255, (5, 32, 32, 1)).astype(np.float32)
+    truth = (rng.random((5, 32, 32, 1)) < 0.3).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {"image": x, "mask": truth, "label": truth.max(axis=(1, 2, 3)),
+         "image_id": [f"i{k}" for k in range(5)]}).batch(2)
+    stats = out_of_fold_statistics(net, dataset)
+
+    plain, mirrored = net(x), net(x[:, :, ::-1].copy())
+    maps = np.stack([plain["mask"].numpy(), mirrored["mask"].numpy()[:, :, ::-1]])[..., 0]
+    labels = np.stack([plain["label"].numpy()[:, 0], mirrored["label"].numpy()[:, 0]])
+    assert np.abs(maps[0] - maps[1]).max() > 0.1  # the flip really changes the map
+    oracle = {"": lambda a: a.mean(0), "_median": lambda a: np.median(a, 0),
+              "_geomean": lambda a: np.exp(np.log(a).mean(0)), "_mask_median": lambda a: a.max(0)}
+    for suffix, merge in oracle.items():
+        hist_all, hist_true = numpy_histograms(merge(maps), truth[..., 0])
+        # exp(mean(log)) in numpy and TF may differ in the last bit: a pixel on a bin edge
+        assert np.abs(stats[f"hist_all{suffix}"] - hist_all).sum() <= 2, suffix
+        assert np.abs(stats[f"hist_true{suffix}"] - hist_true).sum() <= 2, suffix
+        np.testing.assert_allclose(stats[f"label_prob{suffix}"], merge(labels), atol=1e-6)
+    assert not np.array_equal(stats["hist_all_geomean"], stats["hist_all"])
+    # one member (no flip): nothing to merge, the file holds the mean only
+    assert not any(k.endswith("median") for k in out_of_fold_statistics(net, dataset, hflip=False))
+
+
+@pytest.fixture()
+def merged_run(tmp_path: Path) -> tuple[Path, dict[str, list[OofStats]]]:
+    """Two folds whose files hold all four merges; the geometric mean's maps are the truth's
+    blobs, the others those of random_maps: the geometric mean must win."""
+    rng = np.random.default_rng(31)
+    root = tmp_path / "runs" / "x"
+    by_merge: dict[str, list[OofStats]] = {m: [] for m in ("mean", "median", "geomean", "mask_median")}
+    for fold in range(2):
+        ids = [f"f{fold}_{i}" for i in range(20)]
+        probs, truth, label_prob = random_maps(rng, n=20, size=32)
+        made = {m: make_stats(np.clip(probs + 0.02 * k, 0, 1), truth, label_prob, fold, ids)
+                for k, m in enumerate(("mean", "median", "mask_median"))}
+        made["geomean"] = make_stats(np.where(truth > 0, 0.9, 0.1).astype(np.float32), truth,
+                                     truth.max(axis=(1, 2)), fold, ids)
+        write_fold(root, fold, made["mean"], merged={m: made[m] for m in made if m != "mean"})
+        for m in by_merge:
+            by_merge[m].append(made[m])
+    return tmp_path, by_merge
+
+
+def test_evaluate_chooses_the_merge_and_submit_applies_it(merged_run):
+    from tfpneumo.evaluation.rules import resolve_rule
+
+    workdir, by_merge = merged_run
+    grids = {"min_areas": area_grid("0,5", "--min-areas"), "thresholds": parse_grid("0.3:0.6", "--thresholds")}
+    result = evaluate(Config(experiment="x"), workdir=workdir, **grids)
+    summary = json.loads((workdir / "runs" / "x" / EVALUATION_JSON).read_text())
+    assert summary["best"]["merge"] == "geomean" and summary["best"]["score"] == pytest.approx(1.0)
+    assert list(summary["merges"]) == ["mean", "median", "geomean", "mask_median"]
+    assert summary["pooled"]["plain"]["score"] == pytest.approx(1.0)  # the table is geomean's
+    # each merge's own statistics, scored independently: the plain rule on its pooled maps
+    for merge, parts in by_merge.items():
+        pooled = OofStats.concat(parts)
+        assert summary["merges"][merge]["empty_score"] == pytest.approx(
+            float(np.mean(pooled.hist_true.sum(axis=1) == 0)))
+    assert summary["merges"]["mean"]["plain"]["score"] < 0.99
+    text = str(result)
+    assert "geomean      triplet 1.0000" in text and "<- chosen" in text
+    assert "geomean of the TTA members -> 1.0000" in text
+    rule, _ = resolve_rule("x", workdir, None, 32 * 32)
+    assert rule.merge == "geomean" and "merge=geomean" in rule.describe()
+    assert resolve_rule("x", workdir, {"merge": "median"}, 32 * 32)[0].merge == "median"
+    with pytest.raises(TfpneumoError, match=r"^--merge 'max': expected one of mean, median, "
+                                            r"geomean, mask_median$"):
+        resolve_rule("x", workdir, {"merge": "max"}, 32 * 32)
+    # only the mean compared: its best, however worse
+    only_mean = evaluate(Config(experiment="x"), workdir=workdir, merges=("mean",), **grids)
+    assert only_mean.summary["best"]["merge"] == "mean" and list(only_mean.summary["merges"]) == ["mean"]
+    assert "<- chosen" not in str(only_mean)
+
+
+def test_statistics_without_merges_compare_the_mean_only(fake_run):
+    """Files written before merges were recorded (or without flip TTA): the mean, and a note."""
+    workdir, _ = fake_run
+    result = evaluate(Config(experiment="x"), workdir=workdir, min_areas=area_grid("0", "--min-areas"))
+    assert result.summary["best"]["merge"] == "mean" and list(result.summary["merges"]) == ["mean"]
+    assert "note: merges compared: mean (statistics written without flip TTA" in str(result)
+    with pytest.raises(TfpneumoError, match=r"^--merges 'median,max': expected 'all' or some of "):
+        parse_merges("median,max")
+    assert parse_merges("mask_median,mean") == ("mean", "mask_median")
+    with pytest.raises(TfpneumoError, match=r"^--merges median: the out-of-fold statistics hold only mean$"):
+        evaluate(Config(experiment="x"), workdir=workdir, merges=("median",))

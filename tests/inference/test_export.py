@@ -46,12 +46,13 @@ def write_16bit_dicom(source, path):
     return pixels
 
 
-def predictions_of(cfg, files, workdir, hflip: bool = True):
+def predictions_of(cfg, files, workdir, hflip: bool = True, merge: str = "mean"):
     """predict's own Predictor: the oracle of every equivalence test here."""
     from tfpneumo.inference.ensemble import predictor
     from tfpneumo.inference.images import dicom_items
 
-    return list(predictor(cfg, size=SIZE, hflip=hflip, workdir=workdir).predict(dicom_items(files)))
+    return list(predictor(cfg, size=SIZE, hflip=hflip, workdir=workdir, merge=merge)
+                .predict(dicom_items(files)))
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +124,9 @@ def test_saved_model_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
     assert info["folds"] == [0] and info["networks"] == ["fold_0/best.keras"]
     assert info["weights"] == "auto" and info["weights_kinds"] == ["best"] and info["size"] == SIZE
     assert info["rule"] == {"rule": "label", "bottom": 0.5, "top": None, "min_area": 1,
-                            "label_threshold": rule["label_threshold"]}
-    assert info["rule_source"] == "options" and info["tta"] == {"hflip": True, "scales": [1.0]}
+                            "label_threshold": rule["label_threshold"], "merge": "mean"}
+    assert info["rule_source"] == "options"
+    assert info["tta"] == {"hflip": True, "scales": [1.0], "merge": "mean"}
     assert info["signatures"] == ["serving_default", "serving_uint16"]
     inputs = info["inputs"]
     assert [inputs[s]["dtype"] for s in info["signatures"]] == ["uint8", "uint16"]
@@ -274,15 +276,17 @@ def test_onnx_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
     from tfpneumo.evaluation.rules import resolve_rule
     from tfpneumo.inference.export import export
 
-    cfg, predictions = real_run.cfg, real_run.predictions[:2]  # 8-bit only
-    rule = {"kind": "triplet", "top": 0.5, "bottom": 0.5, "min_area": 1}
+    # the geometric mean of the image and its flip (the SavedModel test has the mean)
+    cfg = real_run.cfg
+    predictions = predictions_of(cfg, real_run.files, real_run.workdir, merge="geomean")
+    rule = {"kind": "triplet", "top": 0.5, "bottom": 0.5, "min_area": 1, "merge": "geomean"}
     decision, _ = resolve_rule(cfg.experiment, real_run.workdir, rule, SIZE * SIZE)
     out = tmp_path / "onnx"
     summary = export(cfg, out=out, fmt="onnx", rule=rule, size=SIZE, workdir=real_run.workdir)
     assert summary.startswith(f"exported 1 fold(s) (fold_0/best.keras) as onnx to {out}")
     info = json.loads((out / "export.json").read_text())
     assert info["format"] == "onnx" and info["file"] == "model.onnx"
-    assert info["rule"]["rule"] == "triplet"
+    assert info["rule"]["rule"] == "triplet" and info["tta"]["merge"] == "geomean"
     # one graph, one input dtype: uint8 (B, H, W)
     assert list(info["inputs"]) == ["serving_default"]
     assert info["inputs"]["serving_default"]["shape"] == "(B, H, W)"
@@ -351,8 +355,11 @@ def test_litert_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
     from tfpneumo.evaluation.rules import resolve_rule
     from tfpneumo.inference.export import export
 
-    cfg, wide, predictions = real_run.cfg, real_run.wide, real_run.predictions
-    rule = {"kind": "triplet", "top": 0.5, "bottom": 0.5, "min_area": 1}
+    # the seed's median of the members' masks (the SavedModel test has the mean)
+    cfg, wide = real_run.cfg, real_run.wide
+    predictions = predictions_of(cfg, [*real_run.files, real_run.dicom16], real_run.workdir,
+                                 merge="mask_median")
+    rule = {"kind": "triplet", "top": 0.5, "bottom": 0.5, "min_area": 1, "merge": "mask_median"}
     decision, _ = resolve_rule(cfg.experiment, real_run.workdir, rule, SIZE * SIZE)
     out = tmp_path / "litert"
     summary = export(cfg, out=out, fmt="litert", rule=rule, size=SIZE, workdir=real_run.workdir)
@@ -362,6 +369,7 @@ def test_litert_in_a_fresh_process_reproduces_predict(real_run, tmp_path):
     info = json.loads((out / "export.json").read_text())
     assert info["format"] == "litert" and info["file"] == "model.tflite"
     assert info["input_size"] == [1024, 1024] and info["batch"] == 1 and info["quantize"] == "none"
+    assert info["rule"]["merge"] == "mask_median"
     assert info["signatures"] == ["serving_default", "serving_uint16"]
     assert [info["inputs"][s]["dtype"] for s in info["signatures"]] == ["uint8", "uint16"]
     assert {info["inputs"][s]["shape"] for s in info["signatures"]} == {"(1, 1024, 1024)"}

@@ -241,3 +241,67 @@ def test_predict_on_a_full_disk_leaves_no_partial_png(siim_mini, tmp_path, monke
     assert calls == [f"{path.stem}_prob.png.tmp", f"{path.stem}_mask.png.tmp"]
     assert sorted(p.name for p in out.iterdir()) == [f"{path.stem}_prob.png"]
     assert Image.open(out / f"{path.stem}_prob.png").size == (1024, 1024)  # whole
+
+
+# ----------------------------------------------------------------------------- merging
+
+def test_merge_rules_hand_worked(tf):
+    """Three members of one pixel, 0.2, 0.6 and 0.9, and two members 0.2 and 0.6."""
+    from tfpneumo.inference.ensemble import merge_members
+
+    three = tf.constant([[0.2], [0.6], [0.9]])
+    assert merge_members(three, "mean").numpy() == pytest.approx([0.5666667])
+    assert merge_members(three, "median").numpy() == pytest.approx([0.6])
+    assert merge_members(three, "geomean").numpy() == pytest.approx([0.108 ** (1 / 3)])  # 0.4762
+    assert merge_members(three, "mask_median").numpy() == pytest.approx([0.6])
+    two = tf.constant([[0.2], [0.6]])
+    assert merge_members(two, "median").numpy() == pytest.approx([0.4])
+    assert merge_members(two, "geomean").numpy() == pytest.approx([0.12 ** 0.5])  # 0.3464
+    assert merge_members(two, "mask_median").numpy() == pytest.approx([0.6])  # the union
+    # a member at exactly 0 does not make the geometric mean 0 (floor 1e-7)
+    assert merge_members(tf.constant([[0.0], [1.0]]), "geomean").numpy() == \
+        pytest.approx([1e-7 ** 0.5])
+
+
+def test_mask_median_is_the_median_of_the_members_masks(tf):
+    """Oracle: each member thresholded, then the median of the 0/1 masks with ties (an even
+    count split half and half) on; for every threshold at once, 1 to 6 members."""
+    from tfpneumo.inference.ensemble import merge_members
+
+    rng = np.random.default_rng(5)
+    for count in range(1, 7):
+        members = rng.random((count, 2, 16, 16, 1)).astype(np.float32)
+        merged = merge_members(tf.constant(members), "mask_median").numpy()
+        for t in (0.1, 0.35, 0.5, 0.8):
+            votes = np.median((members >= t).astype(np.float64), axis=0)
+            np.testing.assert_array_equal(merged >= t, votes >= 0.5)
+
+
+def test_ensemble_merges_every_fold_and_flip_as_one_member_set(tf, net):
+    """Oracle: each network on the images and on their mirror (eager), the four maps
+    stacked, then numpy's median / geometric mean / vote over them."""
+    import keras
+
+    from tfpneumo.inference.ensemble import ensemble_tta
+
+    second = keras.saving.load_model(tiny_model_file(), safe_mode=True, compile=False)
+    rng = np.random.default_rng(8)
+    for v in second.trainable_weights:
+        if "kernel" in v.path:
+            v.assign(v.numpy() * rng.uniform(0.5, 1.5, v.shape).astype(np.float32))
+    x = rng.uniform(0, 255, size=(2, 64, 64, 1)).astype(np.float32)
+    maps, labels = [], []
+    for n in (net, second):
+        plain, mirrored = n(x, training=False), n(x[:, :, ::-1].copy(), training=False)
+        maps += [plain["mask"].numpy(), mirrored["mask"].numpy()[:, :, ::-1]]
+        labels += [plain["label"].numpy()[:, 0], mirrored["label"].numpy()[:, 0]]
+    maps, labels = np.stack(maps), np.stack(labels)
+    oracle = {"median": np.median, "geomean": lambda a, axis: np.exp(np.log(a).mean(axis)),
+              "mask_median": lambda a, axis: np.sort(a, axis)[2]}
+    for merge, reduce in oracle.items():
+        mask, label = ensemble_tta([net, second], x, True, (1.0,), merge)
+        np.testing.assert_allclose(mask.numpy(), reduce(maps, axis=0), atol=2e-6)
+        np.testing.assert_allclose(label.numpy(), reduce(labels, axis=0), atol=2e-6)
+    assert np.abs(np.median(maps, 0) - maps.mean(0)).max() > 1e-3  # the merges really differ
+    with pytest.raises(SubmitError, match="--merge 'max': expected one of mean, median"):
+        ensemble_tta([net], x, True, (1.0,), "max")

@@ -54,9 +54,14 @@ def test_evaluate_and_submit_run_from_the_command_line_on_the_demo_run(demo_work
     r = run_cli("evaluate", "--config", str(DEMO), "--thresholds", "0.3:0.6", cwd=demo_workdir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "all-empty" in r.stdout
+    # training recorded every merge of the flip members: evaluate compares the four
+    merges = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("  ")
+              and "  triplet " in line]
+    assert merges == ["mean", "median", "geomean", "mask_median"], r.stdout
     r = run_cli("submit", "--config", str(DEMO), "--out", "again.csv", "--size", "128",
-                cwd=demo_workdir)
+                "--merge", "mask_median", cwd=demo_workdir)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "merge=mask_median" in r.stdout
     from tfpneumo.data.rle import decode
 
     for row in (demo_workdir / "again.csv").read_text().splitlines()[1:]:

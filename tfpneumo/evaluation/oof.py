@@ -5,6 +5,11 @@ For each validation image, ``oof.npz`` holds two histograms of the mask probabil
 truth's has-mask flag and the pixel count. From them every rule "pixel on when prob >= t"
 with ``t`` on a bin edge ``k / HIST_BINS`` is scored exactly, so evaluation never needs a
 probability map. Bin ``b`` holds ``[b / bins, (b + 1) / bins)`` (1.0 in the last bin).
+
+Those keys describe the mean of the TTA members (an image and its flip). With two or more
+members the file also holds ``hist_all_<merge>``, ``hist_true_<merge>`` and
+``label_prob_<merge>`` for the other merges of
+:data:`~tfpneumo.evaluation.rules.MERGES`, so ``evaluate`` can choose how to merge.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from tfpneumo.errors import TfpneumoError, first_line
 
 HIST_BINS = 256
 OOF_KEYS = ("image_id", "label_prob", "has_mask", "hist_all", "hist_true", "pixels")
+MERGED_KEYS = ("label_prob", "hist_all", "hist_true")  # one set per merge, "<key>_<merge>"
 
 
 # ----------------------------------------------------------------------------- collecting (TF)
@@ -53,38 +59,51 @@ def out_of_fold_statistics(net, dataset, hflip: bool = True) -> dict[str, np.nda
 
     Returns compact per-image arrays: ``image_id`` (N,) str, ``label_prob`` (N,) float32,
     ``has_mask`` (N,) int8, ``hist_all`` and ``hist_true`` (N, 256) int32, ``pixels`` (N,)
-    int64. Memory is flat in image size: no probability map is kept.
+    int64, all of the mean of the TTA members; with ``hflip`` also ``<key>_<merge>`` of the
+    other merges (see the module docstring). Memory is flat in image size: no probability
+    map is kept.
     """
 
     import tensorflow as tf
 
-    from tfpneumo.inference.ensemble import predict_batch
+    from tfpneumo.evaluation.rules import MERGES
+    from tfpneumo.inference.ensemble import merge_members, predict_batch, predict_members
+
+    merges = MERGES if hflip else ("mean",)  # one member: every merge is the member itself
 
     @tf.function(reduce_retracing=True)
     def step(images, masks):
-        probs, label = predict_batch(net, images, hflip)
-        hist_all, hist_true = probability_histograms(probs, masks)
-        return label, hist_all, hist_true
+        out = {}
+        probs, label = predict_batch(net, images, hflip)  # the mean, exactly as submit's
+        out["mean"] = (label, *probability_histograms(probs, masks))
+        if len(merges) > 1:
+            members, labels = predict_members(net, images, hflip)
+            members, labels = tf.stack(members), tf.stack(labels)
+            for merge in merges[1:]:
+                out[merge] = (merge_members(labels, merge),
+                              *probability_histograms(merge_members(members, merge), masks))
+        return out
 
-    ids, labels, has_mask, hists_all, hists_true = [], [], [], [], []
+    ids, has_mask = [], []
+    parts: dict[str, list] = {m: [] for m in merges}
     for batch in dataset:
-        label, hist_all, hist_true = step(batch["image"], batch["mask"])
+        out = step(batch["image"], batch["mask"])
         ids.extend(x.decode() for x in batch["image_id"].numpy())
-        labels.append(label.numpy())
         has_mask.append(batch["label"].numpy().reshape(-1))
-        hists_all.append(hist_all.numpy())
-        hists_true.append(hist_true.numpy())
+        for merge in merges:
+            parts[merge].append([t.numpy() for t in out[merge]])
     if not ids:
         raise ValueError("the evaluation dataset is empty")
-    hist_all = np.concatenate(hists_all)
-    return {
-        "image_id": np.array(ids),
-        "label_prob": np.concatenate(labels).astype(np.float32),
-        "has_mask": (np.concatenate(has_mask) > 0.5).astype(np.int8),
-        "hist_all": hist_all.astype(np.int32),
-        "hist_true": np.concatenate(hists_true).astype(np.int32),
-        "pixels": hist_all.sum(axis=1).astype(np.int64),
-    }
+    stats: dict[str, np.ndarray] = {"image_id": np.array(ids),
+                                    "has_mask": (np.concatenate(has_mask) > 0.5).astype(np.int8)}
+    for merge in merges:
+        suffix = "" if merge == "mean" else f"_{merge}"
+        label, hist_all, hist_true = (np.concatenate(x) for x in zip(*parts[merge], strict=True))
+        stats[f"label_prob{suffix}"] = label.astype(np.float32)
+        stats[f"hist_all{suffix}"] = hist_all.astype(np.int32)
+        stats[f"hist_true{suffix}"] = hist_true.astype(np.int32)
+    stats["pixels"] = stats["hist_all"].sum(axis=1).astype(np.int64)
+    return stats
 
 
 
@@ -138,7 +157,8 @@ def _read_oof_arrays(path: Path, fold: int) -> dict[str, np.ndarray]:
             if missing:
                 raise TfpneumoError(f"{path}: not an OOF statistics file (missing {missing}); "
                                     f"{_rerun(path, fold)}")
-            return {k: data[k] for k in (*OOF_KEYS, "model") if k in data.files}
+            merged = [k for k in data.files if k.startswith(tuple(f"{m}_" for m in MERGED_KEYS))]
+            return {k: data[k] for k in {*OOF_KEYS, "model", *merged} if k in data.files}
     # A cut-off zip: BadZipFile (central directory gone), EOFError or zlib.error (a member cut
     # short), ValueError (a bad npy header or CRC); not a zip at all: ValueError (pickle).
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
@@ -146,9 +166,29 @@ def _read_oof_arrays(path: Path, fold: int) -> dict[str, np.ndarray]:
                             f"({first_line(e, 120)}); {_rerun(path, fold)}") from e
 
 
-def load_oof(path: Path, fold: int) -> OofStats:
-    """Reads and checks one ``oof.npz``; any problem is a one-line error naming the file."""
-    return _check_oof(path, fold, _read_oof_arrays(path, fold))
+def load_oof(path: Path, fold: int, merge: str = "mean") -> OofStats:
+    """Reads and checks one ``oof.npz`` (the statistics of ``merge``); any problem is a
+    one-line error naming the file."""
+    return _check_oof(path, fold, _of_merge(path, _read_oof_arrays(path, fold), merge))
+
+
+def merges_in(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The merges an ``oof.npz``'s arrays describe, ``mean`` first (in MERGES order)."""
+    from tfpneumo.evaluation.rules import MERGES
+
+    return [m for m in MERGES
+            if m == "mean" or all(f"{k}_{m}" in arrays for k in MERGED_KEYS)]
+
+
+def _of_merge(path: Path, arrays: dict[str, np.ndarray], merge: str) -> dict[str, np.ndarray]:
+    """The arrays with the statistics of ``merge`` under the plain keys."""
+    if merge == "mean":
+        return arrays
+    if merge not in merges_in(arrays):
+        raise TfpneumoError(f"{path}: no statistics of the {merge} merge (it holds "
+                            f"{', '.join(merges_in(arrays))}: written without flip TTA, or before "
+                            "merges were recorded)")
+    return {**arrays, **{k: arrays[f"{k}_{merge}"] for k in MERGED_KEYS}}
 
 
 def _check_oof(path: Path, fold: int, arrays: dict[str, np.ndarray]) -> OofStats:
@@ -187,8 +227,16 @@ def load_run_oof(experiment: str, folds: Sequence[int], workdir: str | Path = ".
                  weights: str = "auto") -> tuple[OofStats, dict[int, str]]:
     """The OOF statistics of ``weights``' networks of trained ``folds`` concatenated, and the
     kind of network (swa, topk, best, final) each fold's statistics describe. One image size
-    and bin count only."""
-    parts, models = [], {}
+    and bin count only. The mean of the TTA members; :func:`load_run_oof_merges` for all."""
+    by_merge, models = load_run_oof_merges(experiment, folds, workdir, weights)
+    return by_merge["mean"], models
+
+
+def load_run_oof_merges(experiment: str, folds: Sequence[int], workdir: str | Path = ".",
+                        weights: str = "auto") -> tuple[dict[str, OofStats], dict[int, str]]:
+    """As :func:`load_run_oof`, for every merge that all the folds' files hold:
+    ``{merge: stats}`` with ``mean`` first."""
+    files, models = [], {}
     for k in folds:
         path = runs.fold_dir(experiment, k, workdir) / runs.oof_name(weights)
         if not path.exists() and weights != "auto":
@@ -199,14 +247,20 @@ def load_run_oof(experiment: str, folds: Sequence[int], workdir: str | Path = ".
             raise TfpneumoError(f"{path}: missing although {runs.RESULT} exists; "
                                 f"rerun tfpneumo train --fold {k}")
         arrays = _read_oof_arrays(path, k)
-        parts.append(_check_oof(path, k, arrays))
+        files.append((path, k, arrays))
         models[k] = str(arrays["model"]) if "model" in arrays else "?"
-    stats = OofStats.concat(parts)
-    if len({p.bins for p in parts}) != 1 or len(np.unique(stats.pixels)) != 1:
-        raise TfpneumoError(f"{runs.run_root(experiment, workdir)}: the folds' OOF statistics mix "
-                            f"image sizes or bins (pixels {sorted(set(stats.pixels.tolist()))}); "
-                            "evaluate folds trained on the same cache")
-    return stats, models
+    merges = [m for m in merges_in(files[0][2]) if all(m in merges_in(a) for _, _, a in files)]
+    by_merge = {}
+    for merge in merges:
+        parts = [_check_oof(path, k, _of_merge(path, arrays, merge)) for path, k, arrays in files]
+        stats = OofStats.concat(parts)
+        if len({p.bins for p in parts}) != 1 or len(np.unique(stats.pixels)) != 1:
+            raise TfpneumoError(f"{runs.run_root(experiment, workdir)}: the folds' OOF statistics "
+                                f"mix image sizes or bins (pixels "
+                                f"{sorted(set(stats.pixels.tolist()))}); evaluate folds trained "
+                                "on the same cache")
+        by_merge[merge] = stats
+    return by_merge, models
 
 
 # ----------------------------------------------------------------------------- scoring

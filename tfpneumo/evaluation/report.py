@@ -1,7 +1,8 @@
 """``tfpneumo evaluate``: the out-of-fold rule search of a run, its table and its files.
 
 Reads the OOF statistics of the trained folds (:mod:`tfpneumo.evaluation.oof`), searches the
-rules (:mod:`tfpneumo.evaluation.search`) pooled and per fold, and writes into
+rules (:mod:`tfpneumo.evaluation.search`) pooled and per fold, for each way of merging the
+TTA members the statistics hold (the best merge and rule win together), and writes into
 ``runs/<experiment>/`` (or ``out``): ``evaluation.json`` (everything, plus the chosen
 ``best`` rule that ``submit``, ``predict`` and the export apply), ``evaluation_images.csv``
 (one row per OOF image under the best rule) and ``evaluation_heatmap.png``.
@@ -20,9 +21,10 @@ import numpy as np
 
 from tfpneumo import runs
 from tfpneumo.config import Config
+from tfpneumo.errors import TfpneumoError
 from tfpneumo.evaluation.heatmap import render_heatmap
-from tfpneumo.evaluation.oof import OofStats, load_run_oof
-from tfpneumo.evaluation.rules import Rule
+from tfpneumo.evaluation.oof import OofStats, load_run_oof_merges
+from tfpneumo.evaluation.rules import MERGES, Rule
 from tfpneumo.evaluation.search import (
     Grids,
     SearchResult,
@@ -60,7 +62,7 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
              bottoms: Sequence[float] = DEFAULT_BOTTOMS,
              label_thresholds: Sequence[float] = DEFAULT_LABEL_THRESHOLDS,
              workdir: Path = Path("."), out: Path | None = None,
-             weights: str = "auto") -> EvaluationResult:
+             weights: str = "auto", merges: Sequence[str] = MERGES) -> EvaluationResult:
     """Searches the triplet, label and plain rules on the OOF statistics of ``folds``.
 
     ``thresholds`` are the triplet tops, ``bottoms`` the triplet mask thresholds (``bottom =
@@ -73,20 +75,31 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
     ``weights``: whose out-of-fold statistics (``auto``: the network submit uses by default,
     the averaged one when training made one; a kind: that network's own, written as
     ``evaluation_<kind>.json``, ..., which ``submit --weights <kind>`` reads).
+
+    ``merges``: the ways of merging the TTA members to compare (those the statistics hold;
+    see :mod:`tfpneumo.inference.ensemble`); the best rule names its merge, ``mean`` on ties.
     """
     json_name, images_name, heatmap_name = runs.evaluation_names(weights)
     run_root = runs.run_root(cfg.experiment, workdir)
     fold_ids = runs.resolve_trained_folds(cfg.experiment, folds, workdir)
-    stats, models = load_run_oof(cfg.experiment, fold_ids, workdir, weights)
+    by_merge, models = load_run_oof_merges(cfg.experiment, fold_ids, workdir, weights)
+    compared = [m for m in by_merge if m in merges]
+    if not compared:
+        raise TfpneumoError(f"--merges {','.join(merges)}: the out-of-fold statistics hold "
+                            f"only {', '.join(by_merge)}")
+    stats = by_merge[compared[0]]
     pixels, bins = int(stats.pixels[0]), stats.bins
     grids = Grids(bins=bins, tops=snap(np.asarray(thresholds, np.float64), bins),
                   min_areas=area_grid(min_areas, pixels),
                   bottoms=snap(np.asarray(bottoms, np.float64), bins),
                   label_thresholds=np.unique(np.asarray(label_thresholds, np.float64)))
 
-    pooled = search(stats, grids)
-    best = max((pooled.best_triplet(), pooled.best_label(), pooled.best_plain()),
-               key=lambda r: round(r["score"], 12))  # first wins ties: the triplet
+    searched = {m: search(by_merge[m], grids) for m in compared}
+    # first wins ties: mean before the other merges, the triplet before label and plain
+    best = max(({**rule, "merge": m} for m, result in searched.items()
+                for rule in (result.best_triplet(), result.best_label(), result.best_plain())),
+               key=lambda r: round(r["score"], 12))
+    stats, pooled = by_merge[best["merge"]], searched[best["merge"]]
     best["min_area_fraction"] = None if best["min_area"] is None else best["min_area"] / pixels
     best["pixels"] = pixels
     pred_area, image_dice = Rule.from_json(best).score_oof(stats)
@@ -108,6 +121,7 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
         "grids": grids.to_json(),
         "empty_score": pooled.empty_score,
         "best": best,
+        "merges": {m: _summary(result) for m, result in searched.items()},
         "pooled": _summary(pooled) | {"best_rule_score": float(image_dice.mean()),
                                       "scores": _score_grids(pooled)},
         "folds": {str(k): v for k, v in per_fold.items()},
@@ -129,15 +143,33 @@ def evaluate(cfg: Config, *, folds: runs.FoldSpec = "all",
         notes.append(f"note: {lost} images have has_mask disagreeing with their cached mask "
                      "(a tiny mask lost at the cached size?); scores use the cached masks")
     notes.extend(_border_notes(best, pooled))
+    if len(compared) < len(MERGES) and set(merges) == set(MERGES):
+        notes.append(f"note: merges compared: {', '.join(compared)} (statistics written "
+                     "without flip TTA, or before merges were recorded, hold the mean only)")
     if pooled.empty_score > best["score"]:
         notes.append("warning: predicting every image empty scores higher than every rule "
                      "searched; the model or the grids need work")
     return EvaluationResult(summary, "\n".join([
         _table(cfg.experiment, fold_ids, per_fold, summary, pixels, models),
+        *_merge_table(searched, best["merge"]),
         *notes,
         f"best rule (pooled): {describe_best(best, pixels)}",
         f"wrote {out_dir / json_name}, {images_name}, {heatmap_name}",
     ]))
+
+
+def _merge_table(searched: dict[str, SearchResult], chosen: str) -> list[str]:
+    """Lines comparing the merges (pooled best of each rule kind), or none for one merge."""
+    if len(searched) < 2:
+        return []
+    lines = ["merges of the TTA members (pooled; the table above is the chosen one's):"]
+    for merge, result in searched.items():
+        best = max(result.best_triplet()["score"], result.best_label()["score"],
+                   result.best_plain()["score"])
+        lines.append(f"  {merge:<11}  triplet {result.best_triplet()['score']:.4f}  label "
+                     f"{result.best_label()['score']:.4f}  plain {result.best_plain()['score']:.4f}"
+                     f"  best {best:.4f}{'  <- chosen' if merge == chosen else ''}")
+    return lines
 
 
 def _border_notes(best: dict, result: SearchResult) -> list[str]:

@@ -13,6 +13,10 @@ label (classification head)
 
 ``min_area`` is a pixel count at the resolution the rule is applied at; :meth:`Rule.at_pixels`
 rescales it. ``>=`` on pixels is what the out-of-fold histograms count.
+
+A rule also names how the ensemble's members (folds x TTA) become the one map it is applied
+to, ``merge`` (:data:`MERGES`, implemented in :mod:`tfpneumo.inference.ensemble`): the
+thresholds were searched on maps merged that way.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from tfpneumo import runs
 from tfpneumo.errors import TfpneumoError, first_line
 
 KINDS = ("triplet", "label")
+MERGES = ("mean", "median", "geomean", "mask_median")  # see tfpneumo.inference.ensemble
 NO_RULE = "no thresholds: run tfpneumo evaluate or pass --top/--min-area/--bottom"
 _FLAGS = {"top": "--top", "min_area": "--min-area", "bottom": "--bottom",
-          "label_threshold": "--label-threshold", "kind": "--rule"}
+          "label_threshold": "--label-threshold", "kind": "--rule", "merge": "--merge"}
 _NEEDS = {"triplet": ("top", "bottom"), "label": ("label_threshold", "bottom")}
 
 
@@ -43,10 +48,12 @@ class Rule:
     top: float | None = None
     min_area: int = 0
     label_threshold: float | None = None
+    merge: str = "mean"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise TfpneumoError(f"rule {self.kind!r}: expected one of {', '.join(KINDS)}")
+        check_merge(self.merge)
         missing = [_FLAGS[k] for k in _NEEDS[self.kind] if getattr(self, k) is None]
         if missing:
             raise TfpneumoError(f"{NO_RULE} (the {self.kind} rule is missing {', '.join(missing)})")
@@ -104,9 +111,12 @@ class Rule:
         return replace(self, min_area=int(round(self.min_area / pixels_from * pixels_to)))
 
     def describe(self) -> str:
+        merge = "" if self.merge == "mean" else f" merge={self.merge}"
         if self.kind == "triplet":
-            return f"triplet top={self.top:g} min_area={self.min_area} bottom={self.bottom:g}"
-        return f"label p>{self.label_threshold:g} bottom={self.bottom:g} min_area={self.min_area}"
+            return (f"triplet top={self.top:g} min_area={self.min_area} bottom={self.bottom:g}"
+                    f"{merge}")
+        return (f"label p>{self.label_threshold:g} bottom={self.bottom:g} "
+                f"min_area={self.min_area}{merge}")
 
     def to_json(self) -> dict:
         return {"rule": self.kind, **{k: v for k, v in asdict(self).items() if k != "kind"}}
@@ -119,9 +129,17 @@ class Rule:
             if isinstance(min_area, float) and min_area.is_integer():
                 min_area = int(min_area)
             return cls(kind=data["rule"], bottom=data["bottom"], top=data.get("top"),
-                       min_area=min_area, label_threshold=data.get("label_threshold"))
+                       min_area=min_area, label_threshold=data.get("label_threshold"),
+                       merge=data.get("merge") or "mean")
         except (KeyError, TypeError, AttributeError) as e:
             raise TfpneumoError(f"{where}: not a rule ({first_line(e)})") from e
+
+
+def check_merge(merge: str, flag: str = "--merge") -> str:
+    """``merge`` when it names one of :data:`MERGES`, else a one-line error."""
+    if merge not in MERGES:
+        raise TfpneumoError(f"{flag} {merge!r}: expected one of {', '.join(MERGES)}")
+    return merge
 
 
 def _edge(threshold: float, bins: int) -> np.ndarray:
@@ -145,7 +163,7 @@ def resolve_rule(experiment: str, workdir: str | Path = ".", overrides: dict[str
 
     Base: ``best`` of ``runs/<experiment>/evaluation.json`` when present, its ``min_area``
     rescaled from the images it was searched on (``best.pixels``) to ``pixels``.
-    ``overrides`` (keys kind, top, min_area, bottom, label_threshold; None = not given)
+    ``overrides`` (keys kind, top, min_area, bottom, label_threshold, merge; None = not given)
     replace single values; an overriding ``min_area`` is already at ``pixels``. Without
     evaluation.json the kind is ``overrides["kind"]``, else label when label_threshold is
     given, else triplet (with ``top = bottom`` when no top is given: the plain rule).

@@ -186,4 +186,6 @@ def describe_best(rule: dict, pixels: int) -> str:
                 f"({share:.3g}% of the image) bottom={rule['bottom']:.4f}")
     else:
         text = f"label t={rule['label_threshold']:g} bottom={rule['bottom']:.4f}"
+    if rule.get("merge", "mean") != "mean":
+        text += f", {rule['merge']} of the TTA members"
     return f"{text} -> {rule['score']:.4f}"

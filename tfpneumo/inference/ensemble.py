@@ -1,9 +1,27 @@
-"""The fold ensemble at test time: loading the networks, TTA, and one predictor for all.
+"""The fold ensemble at test time: loading the networks, TTA, merging, and one predictor for all.
 
 ``submit``, ``predict``, ``export`` and the out-of-fold statistics of training all predict
 through :func:`predict_batch` (an image and its mirror in one forward) and
 :func:`ensemble_tta` (every fold on a batch); :class:`Predictor` adds the images: DICOMs in,
 probability maps at the prediction size and the original pixels out.
+
+Merging (:data:`~tfpneumo.evaluation.rules.MERGES`): the members of an ensemble are its
+folds x TTA scales x flips, and one map comes out of them, pixel by pixel (the label
+probability alike):
+
+mean
+    their mean (the default; folds, scales and flips averaged in turn).
+median
+    their median (the mean of the two middle values for an even count).
+geomean
+    their geometric mean ``exp(mean(log(max(p, 1e-7))))``.
+mask_median
+    the seed pipeline's "median of the members' masks, each thresholded at the shared
+    threshold": a pixel is on when at least half of the members have ``p >= t``. The merged
+    map is the order statistic ``sorted(p)[M // 2]`` (M members), because ``sorted(p)[M // 2]
+    >= t`` exactly when ``ceil(M / 2)`` members are ``>= t``, for every ``t`` at once: the
+    rule's top, bottom and label thresholds apply to it unchanged. With two members (one
+    network and its flip) it is their maximum, the union of the two masks.
 """
 
 from __future__ import annotations
@@ -22,7 +40,61 @@ from tfpneumo.config import Config
 from tfpneumo.data.dicom import MAX_DICOM_MIB
 from tfpneumo.data.manifest import find_cache_info
 from tfpneumo.errors import TfpneumoError
+from tfpneumo.evaluation.rules import check_merge
 from tfpneumo.models.saved import load_network
+
+GEOMEAN_FLOOR = 1e-7  # log(0) would make one member's 0 the whole ensemble's 0
+
+
+def merge_members(members, merge: str):
+    """``members`` (M, ...) float32 stacked member maps (or labels) -> (...) float32, merged
+    by ``merge`` (see the module docstring); ``mean`` here is the plain mean over M."""
+    if merge == "mean":
+        return tf.reduce_mean(members, axis=0)
+    if merge == "geomean":
+        return tf.exp(tf.reduce_mean(tf.math.log(tf.maximum(members, GEOMEAN_FLOOR)), axis=0))
+    count = members.shape[0]
+    if count == 2:  # one network and its flip: no sort (nor TopK in a converted graph)
+        ordered = tf.stack([tf.minimum(members[0], members[1]), tf.maximum(members[0], members[1])])
+    else:
+        ordered = tf.sort(members, axis=0) if count > 1 else members
+    if merge == "mask_median" or count % 2:
+        return ordered[count // 2]
+    if merge == "median":
+        return 0.5 * (ordered[count // 2 - 1] + ordered[count // 2])
+    raise ValueError(f"unknown merge {merge!r}")
+
+
+def predict_members(net: keras.Model, images, hflip: bool = True,
+                    scales: tuple[float, ...] = (1.0,)) -> tuple[list, list]:
+    """The TTA members of one network, unmerged: lists of masks (B, H, W, 1) and labels (B,),
+    float32, one per scale and flip (image before its mirror), at the input size."""
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    masks, labels = [], []
+    for scale in scales:
+        batch = images if scale == 1.0 else _rescaled(images, height, width, scale)
+        n = tf.shape(batch)[0]
+        out = net(tf.concat([batch, tf.reverse(batch, axis=[2])], axis=0) if hflip else batch,
+                  training=False)
+        mask = tf.cast(out["mask"], tf.float32)
+        label = tf.reshape(tf.cast(out["label"], tf.float32), [-1])
+        parts = [(mask[:n], label[:n]), (tf.reverse(mask[n:], axis=[2]), label[n:])] \
+            if hflip else [(mask, label)]
+        for m, lab in parts:
+            if scale != 1.0:
+                m = tf.clip_by_value(tf.image.resize(m, [height, width], method="bilinear"),
+                                     0.0, 1.0)
+            masks.append(m)
+            labels.append(lab)
+    return masks, labels
+
+
+def _rescaled(images, height, width, scale: float):
+    """The batch resized to sides ``scaled_size(side, scale)`` (tensors: rounded alike)."""
+    target = [tf.maximum(32, tf.cast(tf.round(tf.cast(side, tf.float32) * scale / 32.0),
+                                     tf.int32) * 32) for side in (height, width)]
+    # antialias when shrinking: plain bilinear would alias the fine lung texture.
+    return tf.image.resize(images, target, method="bilinear", antialias=scale < 1.0)
 
 
 def predict_batch(net: keras.Model, images, hflip: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
@@ -67,12 +139,7 @@ def predict_tta(net: keras.Model, images, hflip: bool = True,
         if scale == 1.0:
             mask, label = predict_batch(net, images, hflip)
         else:
-            # Sides are multiples of 32 (rounded like scaled_size, which needs Python ints).
-            target = [tf.maximum(32, tf.cast(tf.round(tf.cast(side, tf.float32) * scale / 32.0),
-                                             tf.int32) * 32) for side in (height, width)]
-            # antialias when shrinking: plain bilinear would alias the fine lung texture.
-            resized = tf.image.resize(images, target, method="bilinear", antialias=scale < 1.0)
-            mask, label = predict_batch(net, resized, hflip)
+            mask, label = predict_batch(net, _rescaled(images, height, width, scale), hflip)
             mask = tf.clip_by_value(tf.image.resize(mask, [height, width], method="bilinear"),
                                     0.0, 1.0)
         masks.append(mask)
@@ -81,12 +148,22 @@ def predict_tta(net: keras.Model, images, hflip: bool = True,
 
 
 def ensemble_tta(nets: Sequence[keras.Model], images, hflip: bool = True,
-                 scales: tuple[float, ...] = (1.0,)) -> tuple[tf.Tensor, tf.Tensor]:
-    """The mean over ``nets`` of :func:`predict_tta`: one batch through every fold before
-    the next batch is decoded. ``submit``, ``predict`` (:func:`ensemble_predictor`) and
-    ``export`` (inside its graph) all average the folds here."""
+                 scales: tuple[float, ...] = (1.0,),
+                 merge: str = "mean") -> tuple[tf.Tensor, tf.Tensor]:
+    """Every member of the fold ensemble on one batch (each fold before the next batch is
+    decoded), merged by ``merge``: ``mean`` is the mean over ``nets`` of :func:`predict_tta`,
+    the others merge all folds x scales x flips at once (:func:`merge_members`). ``submit``,
+    ``predict`` (:func:`ensemble_predictor`) and ``export`` (inside its graph) all merge here."""
     if not nets:
         raise ValueError("an ensemble needs at least one network")
+    check_merge(merge)
+    if merge != "mean":
+        masks, labels = [], []
+        for net in nets:
+            m, lab = predict_members(net, images, hflip, scales)
+            masks += m
+            labels += lab
+        return merge_members(tf.stack(masks), merge), merge_members(tf.stack(labels), merge)
     masks, labels = [], []
     for net in nets:
         mask, label = predict_tta(net, images, hflip, scales)
@@ -96,9 +173,9 @@ def ensemble_tta(nets: Sequence[keras.Model], images, hflip: bool = True,
 
 
 def ensemble_predictor(nets: list[keras.Model], hflip: bool = True,
-                       scales: tuple[float, ...] = (1.0,)):
+                       scales: tuple[float, ...] = (1.0,), merge: str = "mean"):
     """A compiled function ``images (B, H, W, 1) float32 grey pixels -> (mask (B, H, W, 1), label (B,))``,
-    both float32: :func:`ensemble_tta` in one graph.
+    both float32: :func:`ensemble_tta` (merged by ``merge``) in one graph.
 
     Traced once for any batch and image size (the input signature leaves them unknown). No
     XLA: on this project's CPU it was slower and changed the maps (README, "Speed and
@@ -110,7 +187,7 @@ def ensemble_predictor(nets: list[keras.Model], hflip: bool = True,
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
     def run(images):
-        return ensemble_tta(nets, images, hflip, scales)
+        return ensemble_tta(nets, images, hflip, scales, merge)
 
     return run
 
@@ -141,6 +218,7 @@ class Predictor:
     run: Any  # ensemble_predictor(...)
     max_dicom_mib: float = MAX_DICOM_MIB  # config data.max_dicom_mib
     nets: list[keras.Model] = field(default_factory=list)  # for predict --explain (Grad-CAM)
+    merge: str = "mean"  # how the members' maps became one (the rule's; see MERGES)
 
     def predict(self, items: Sequence[tuple[str, Path]]) -> Iterator[Prediction]:
         """Predictions for (id, DICOM path) items, in order; one batch in memory at a time
@@ -164,10 +242,13 @@ class Predictor:
 
 def predictor(cfg: Config, *, folds: runs.FoldSpec = "all", weights: str = "auto",
               size: int = 1024, batch_size: int | None = None, hflip: bool = True,
-              scales: Sequence[float] = (1.0,), workdir: Path = Path(".")) -> Predictor:
-    """Loads the run's fold ensemble. ``batch_size`` None: the training batch scaled to
-    ``size`` (same pixels per batch). Bad options raise before any network is loaded."""
+              scales: Sequence[float] = (1.0,), workdir: Path = Path("."),
+              merge: str = "mean") -> Predictor:
+    """Loads the run's fold ensemble, its members merged by ``merge``. ``batch_size`` None: the
+    training batch scaled to ``size`` (same pixels per batch). Bad options raise before any
+    network is loaded."""
     check_options(size, batch_size, scales)
+    check_merge(merge)
     scales = tuple(float(s) for s in scales)
     batch_size = batch_size or max(1, int(cfg.data.batch_size * (cfg.data.image_size / size) ** 2))
     files = runs.ensemble_files(cfg.experiment, folds, weights, workdir)
@@ -175,8 +256,8 @@ def predictor(cfg: Config, *, folds: runs.FoldSpec = "all", weights: str = "auto
     cache = find_cache_info(cfg.data.cache)
     clahe = cache.clahe if cache is not None else cfg.prepare.clahe
     return Predictor(files, size, batch_size, hflip, scales, clahe,
-                     ensemble_predictor(nets, hflip=hflip, scales=scales), cfg.data.max_dicom_mib,
-                     nets)
+                     ensemble_predictor(nets, hflip=hflip, scales=scales, merge=merge),
+                     cfg.data.max_dicom_mib, nets, merge)
 
 
 def check_options(size: int, batch_size: int | None, scales: Sequence[float]) -> None:

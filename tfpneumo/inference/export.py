@@ -260,7 +260,8 @@ def _ensemble_outputs(nets: list, size: int, rule: Rule, hflip: bool, scales: tu
     def outputs(grey, height, width):
         pixels = network_pixels(grey, height, width, size)
         pixels = tf.ensure_shape(pixels, [None, size, size, 1])
-        prob, label_prob = ensemble_tta(nets, pixels, hflip, scales)  # (B, size, size, 1), (B,)
+        # (B, size, size, 1), (B,)
+        prob, label_prob = ensemble_tta(nets, pixels, hflip, scales, rule.merge)
         # Rule.gate on the map at the prediction size (where min_area holds)
         area = tf.reduce_sum(tf.cast(prob >= tf.constant(cut, tf.float32), tf.int32), axis=[1, 2, 3])
         positive = area >= tf.constant(min_area, tf.int32)
@@ -482,7 +483,7 @@ def export(cfg: Config, *, out: Path, fmt: str = "saved_model", folds: runs.Fold
         "rule": decision.to_json(),
         "rule_source": source,
         "size": size,
-        "tta": {"hflip": hflip, "scales": list(scales)},
+        "tta": {"hflip": hflip, "scales": list(scales), "merge": decision.merge},
     }
     try:
         with _new_folder(out) as tmp:

@@ -236,7 +236,7 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSp
                           for image_id, path in items}
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
-                         hflip=hflip, scales=scales, workdir=workdir)
+                         hflip=hflip, scales=scales, workdir=workdir, merge=decision.merge)
     if writer.sources:
         writer.algorithm = _algorithm(cfg, ensemble, decision, seg_type)
         writer.check_seg_sources()

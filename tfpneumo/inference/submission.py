@@ -167,7 +167,7 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
         read_header(path, cfg.data.max_dicom_mib)
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
-                         hflip=hflip, scales=scales, workdir=workdir)
+                         hflip=hflip, scales=scales, workdir=workdir, merge=decision.merge)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
