@@ -439,9 +439,32 @@ def test_peer_section_tiny():
     check_spread(tr["img_per_s"])
     check_spread(inf["img_per_s"])
     assert inf["hflip"] and inf["images"] == 2
+    # ours and the peer in alternating windows: each round's ratio from its two windows
+    h = result["head_to_head"]
+    assert "error" not in h, h
+    assert h["rounds"] == 4 and h["peer_format"] == tr["best"] and len(h["ratios"]) == 4
+    assert h["ratio"] == pytest.approx(float(np.median(h["ratios"])))
+    for side in ("ours", "peer"):
+        check_spread(h["img_per_s"][side])
     rows = peer.rows_peer(result)
     assert rows[0].setting == "peer train 32 px x2, float32"
-    assert rows[1].setting == "peer inference 32 px x2, hflip TTA"
+    assert rows[1].setting == "head to head: train 32 px x2, float32, reference layout"
+    assert rows[2].setting == "peer inference 32 px x2, hflip TTA"
+
+
+def test_head_to_head_ratio_comes_first_and_says_how_it_was_measured():
+    made = add_peer_and_limit(fake_report(), peer_train=2.5, peer_infer=4.0)
+    made["sections"]["peer"]["result"]["head_to_head"] = {
+        "size": 256, "batch": 4, "peer_format": "channels_last", "rounds": 3,
+        "ratios": [0.9, 1.1, 1.0], "ratio": 1.0,
+        "img_per_s": {"ours": {"median": 2.2, "min": 2.0, "max": 2.4, "n": 3},
+                      "peer": {"median": 2.2, "min": 2.1, "max": 2.3, "n": 3}}}
+    cmp = report.peer_comparison(made["sections"])
+    assert cmp[0]["ratio"] == 1.0 and cmp[0]["rounds"] == 3
+    assert [c["ratio"] for c in cmp[1:3]] == pytest.approx([2.0 / 2.5, 4.0 / 2.5])
+    made["peer_comparison"], made["starvation"] = cmp, []
+    table = report.render_table(made)
+    assert "median of the ratios of 3 rounds" in table and "minutes apart" in table
 
 
 def test_flop_count_matches_the_analytic_count(tf):

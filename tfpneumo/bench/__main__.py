@@ -29,12 +29,19 @@ def main(argv: list[str] | None = None) -> None:
     # internal: one section (or one train setting) in this process, result as JSON
     parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--paired", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         params = json.loads(args.params) if args.params else {}
     except ValueError as e:
         parser.error(f"--params: not JSON ({e})")
+    if args.paired:  # a worker of tfpneumo.bench.paired: windows on request over stdin/stdout
+        from tfpneumo.bench.paired import serve
+
+        serve(args.paired, json.loads(args.case))
+        sys.stdout.flush()
+        os._exit(0)
     if args.section or args.case:
         progress_to(sys.stdout)
         if args.case:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tfpneumo.bench import paired
 from tfpneumo.bench.harness import (
     INFERENCE_CASES,
     TRAIN_CASES,
@@ -61,10 +62,9 @@ def _batch(size: int, batch: int, fmt: str, seed: int = 0):
     return x, mask, label
 
 
-def peer_train(size: int, batch: int, fmt: str, seconds: float, windows: int = 3,
-               steps: int | None = None, seed: int = 0) -> dict:
-    """Images/s of the peer's train step (AdamW, BCE on both heads) in memory format ``fmt``.
-    First step apart (``first_step_s``), a second sizes the windows, then ``windows`` windows."""
+def peer_train_step(size: int, batch: int, fmt: str, seed: int = 0):
+    """The peer's train step (AdamW, BCE on both heads) in memory format ``fmt``, on one
+    batch: a function returning the loss."""
     torch, _ = _torch()
     net = build_peer(seed)
     if fmt == "channels_last":
@@ -81,6 +81,15 @@ def peer_train(size: int, batch: int, fmt: str, seconds: float, windows: int = 3
         loss.backward()
         opt.step()
         return float(loss.detach())
+
+    return step
+
+
+def peer_train(size: int, batch: int, fmt: str, seconds: float, windows: int = 3,
+               steps: int | None = None, seed: int = 0) -> dict:
+    """Images/s of the peer's train step (AdamW, BCE on both heads) in memory format ``fmt``.
+    First step apart (``first_step_s``), a second sizes the windows, then ``windows`` windows."""
+    step = peer_train_step(size, batch, fmt, seed)
 
     t0 = time.perf_counter()
     step()
@@ -177,6 +186,15 @@ def bench_peer(ctx: Context, *, train_cases: Sequence[Sequence[int]] | None = No
         else:
             row["error"] = next(iter(by_fmt.values()))["error"]
         train_rows.append(row)
+    # The ratio of record: ours and the peer in alternating windows (tfpneumo.bench.paired)
+    head = train_rows[0] if train_rows else None
+    head_to_head = None
+    if head is not None and head.get("best"):
+        head_to_head = paired.head_to_head(head["size"], head["batch"], head["best"],
+                                           rounds=4 if ctx.quick else 8, seconds=seconds + 1.0)
+        if "error" not in head_to_head:
+            progress(f"head to head {head['size']}x{head['batch']} float32: ours / peer "
+                     f"{head_to_head['ratio']:.2f}x over {head_to_head['rounds']} rounds")
     chosen = None
     for size, batch, hflip, per_window, n_windows in sorted(infer_cases, key=lambda c: c[0]):
         fmts = [chosen] if (ctx.quick and chosen) else list(formats)
@@ -196,7 +214,8 @@ def bench_peer(ctx: Context, *, train_cases: Sequence[Sequence[int]] | None = No
         else:
             row["error"] = next(iter(by_fmt.values()))["error"]
         infer_rows.append(row)
-    return {"train": train_rows, "inference": infer_rows, "torch": torch.__version__,
+    return {"train": train_rows, "inference": infer_rows, "head_to_head": head_to_head,
+            "torch": torch.__version__,
             "smp": smp.__version__, "threads": torch.get_num_threads()}
 
 
@@ -219,6 +238,18 @@ def rows_peer(result: dict) -> list[Row]:
         s = r["img_per_s"]
         out.append(Row(setting, f"{s['median']:.2f} img/s{span(s, '.2f')}",
                        f"best of {_formats_note(r)}; first step {r['first_step_s']:.1f} s; {head}"))
+    h = result.get("head_to_head")
+    if h:
+        setting = f"head to head: train {h['size']} px x{h['batch']}, float32, reference layout"
+        if "error" in h:
+            out.append(Row(setting, "failed", h["error"]))
+        else:
+            o, p = h["img_per_s"]["ours"], h["img_per_s"]["peer"]
+            out.append(Row(setting, f"ours/peer {h['ratio']:.2f}x [{min(h['ratios']):.2f}-"
+                           f"{max(h['ratios']):.2f}]",
+                           f"median of {h['rounds']} rounds of alternating windows (ABBA); "
+                           f"ours {o['median']:.2f} img/s, peer {p['median']:.2f} img/s "
+                           f"({h['peer_format']})"))
     for r in result["inference"]:
         setting = (f"peer inference {r['size']} px x{r['batch']}, "
                    f"{'hflip TTA' if r['hflip'] else 'no TTA'}")

@@ -58,14 +58,24 @@ def starvation(sections: dict) -> list[dict]:
 def peer_comparison(sections: dict) -> list[dict]:
     """Ours / the peer's images/s at each setting both measured in this run.
 
-    Train: each peer row (float32) against our rows at its size and batch (the reference
-    layout first, the one the peer implements; then the base layout, float32 and mixed);
-    inference: against our row of the same size, batch and TTA.
+    Train: first the head-to-head ratio (the reference layout and the peer in alternating
+    windows, :mod:`tfpneumo.bench.paired`: the ratio of record), then each peer row
+    (float32) against our rows at its size and batch (the reference layout, then the base
+    layout, float32 and mixed), measured minutes apart; inference: against our row of the
+    same size, batch and TTA.
     """
     entry = sections.get("peer", {})
     if entry.get("status") != "ok":
         return []
     out = []
+    h = entry["result"].get("head_to_head")
+    if h and "error" not in h:
+        out.append({"kind": "train", "size": h["size"], "batch": h["batch"],
+                    "ours_setting": "reference layout, float32, alternating windows",
+                    "ours": h["img_per_s"]["ours"]["median"],
+                    "peer": h["img_per_s"]["peer"]["median"],
+                    "peer_setting": f"float32, {h['peer_format']}",
+                    "ratio": h["ratio"], "rounds": h["rounds"]})
     for p in entry["result"].get("train", []):
         if "error" in p:
             continue
@@ -95,7 +105,8 @@ def rows_peer_comparison(items: list[dict]) -> list[Row]:
     return [Row(f"{c['kind']} {c['size']} px x{c['batch']}, ours {c['ours_setting']}",
                 f"{c['ratio']:.2f}x",
                 f"ours {c['ours']:.2f} img/s / peer {c['peer']:.2f} img/s ({c['peer_setting']}), "
-                f"both from this run") for c in items]
+                + (f"median of the ratios of {c['rounds']} rounds" if "rounds" in c else
+                   "both from this run, minutes apart")) for c in items]
 
 
 def limit_shares(sections: dict) -> list[dict]:
