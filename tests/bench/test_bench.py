@@ -428,7 +428,7 @@ def test_peer_section_tiny():
     # process can crash at import. One step a window, one window: most of the time is torch's
     # one-time warm-up.
     params = {"train_cases": [[32, 2]], "infer_cases": [[32, 2, True, 1, 1]], "steps": 1,
-              "windows": 1}
+              "windows": 1, "formats": ["nchw", "channels_last"]}
     entry = harness.run_child(["--section", "peer", "--quick", "--params", json.dumps(params)],
                               timeout=120)
     assert entry["status"] == "ok", entry

@@ -116,10 +116,11 @@ def bench_train(ctx: Context, *, cases: Sequence[Sequence[int]] | None = None,
                 steps: int | None = None, layouts: Sequence[str] | None = None) -> dict:
     """:func:`train_case` for every (size x batch, layout, precision, XLA) setting, each in its
     own process, plus the PyTorch reference's setting (256x4, reference layout, float32).
-    Quick: 256x4 base layout float32 and mixed (bf16 on CPU), XLA off, 3 windows of ~2 s.
+    Quick: 256x4 base layout mixed (bf16 on CPU) beside the reference float32, XLA off, 3
+    windows of ~2 s.
     Full: 256x4, 256x8, 512x4 x float32/mixed x XLA off/on, 5 windows of ~10 s."""
     cases = [tuple(c) for c in (cases or TRAIN_CASES[ctx.quick])]
-    precisions = list(precisions or ("float32", "mixed"))
+    precisions = list(precisions or (("mixed",) if ctx.quick else ("float32", "mixed")))
     xla = [bool(x) for x in xla] if xla is not None else ([False] if ctx.quick else [False, True])
     seconds = seconds or (2.0 if ctx.quick else 10.0)
     windows = windows or (3 if ctx.quick else 5)
