@@ -2,8 +2,9 @@
 processes, pruned trials, the best config written), and the report.
 
 Trials here are trained by a stand-in whose score is a known function of the trial's values
-(peak at lr 1e-3, 8 epochs), reported epoch by epoch through the tuner's own pruning callback;
-training itself is `tfpneumo train` (tests/system/)."""
+(peak at lr 1e-3, 8 epochs), reported epoch by epoch through the tuner's own pruning callback,
+except in the PostgreSQL test: two `tfpneumo tune` processes training real trials on a tiny
+cache, and the best config trained again."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import math
 import re
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -52,12 +52,6 @@ def stand_in(cfg, folds, callbacks, workdir):
         if model.stop_training:
             break
     return [{"fold": k, "best_oof_dice": score(cfg), "best_val_dice": score(cfg)} for k in folds]
-
-
-def slow_stand_in(cfg, folds, callbacks, workdir):
-    """The stand-in taking 0.5 s a trial, so that two processes overlap."""
-    time.sleep(0.5)
-    return stand_in(cfg, folds, callbacks, workdir)
 
 
 def write_search(folder: Path, **changes) -> Path:
@@ -193,30 +187,70 @@ def postgres(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_two_processes_share_one_study_and_run_disjoint_trials(tmp_path, postgres):
-    """Two tune processes on one PostgreSQL study (the multi-machine setup; the default
-    SQLite file works the same way on one machine, with its own lock)."""
+TINY_RUN = {  # as tests/system/test_multi_worker.py: a thin resnet18 UNet at 64 px
+    "experiment": "tiny", "seed": 3,
+    "data": {"image_size": 64, "batch_size": 4, "shuffle_buffer": 16},
+    "augment": {"hflip": 0.0, "color_p": 0.0, "affine_p": 0.0},
+    "model": {"encoder": "resnet18", "encoder_weights": "none",
+              "decoder_filters": [16, 8, 8, 8, 8], "skip_dropout": 0.0, "head_dropout": 0.0},
+    "optimizer": {"warmup_epochs": 0.0},
+    "train": {"epochs": 2, "steps_per_epoch": 2, "swa_epochs": 0, "top_k": 1,
+              "tensorboard_images": 0, "val_thresholds": [0.5]},
+}
+
+
+def test_two_processes_train_real_trials_on_one_postgres_study(tmp_path, postgres):
+    """Two `tfpneumo tune` processes on one PostgreSQL study (the multi-machine setup) train
+    real trials on a tiny cache: disjoint trials, exactly the requested count, each trial an
+    ordinary run whose history agrees with its state (a pruned one stopped early), and the
+    best config, trained again with the same seed, reproduces its trial's score."""
+    import json
+
     import optuna
+    from factories import COUNTS, write_shards
+    from system.test_scaleout import child_env
 
-    storage = postgres
-    config, search = write_config(tmp_path), write_search(tmp_path, trials=8, pruner="none")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_tune as t; "
-            "from tfpneumo.tune import tune; "
-            "tune(sys.argv[2], [], t.Path(sys.argv[3]), workdir=t.Path(sys.argv[4]), "
-            "storage=sys.argv[5], trainer=t.slow_stand_in)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(THIS.parent), str(config),
-                               str(search), str(tmp_path), storage], stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    errors = [p.communicate(timeout=240)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), errors
+    write_shards(tmp_path / "cache", COUNTS)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "data": {**TINY_RUN["data"],
+                                                           "cache": str(tmp_path / "cache")}}))
+    # one trial a process (the median pruner needs two finished trials before it prunes;
+    # tests above check pruning with a stand-in trainer)
+    search = write_search(tmp_path, trials=2, pruner="median", sampler="random",
+                          space={"optimizer.lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True}})
+    # one thread per op: the two processes share the two cores
+    env = child_env(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+    command = [sys.executable, "-m", "tfpneumo.cli", "tune", "--search", str(search),
+               "--config", str(config), "--storage", postgres]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
 
-    study = optuna.load_study(study_name="s", storage=storage)
+    study = optuna.load_study(study_name="s", storage=postgres)
     counted = [t for t in study.trials if t.user_attrs.get("note") is None]
-    assert len(counted) == 8  # exactly the requested trials, over both processes
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
-    # every trial ran once, in one of the processes (each logs its own)
-    logged = [int(line.split()[1].rstrip(":")) for err in errors for line in err.splitlines()
+    assert len(counted) == 2  # exactly the requested trials, over both processes
+    logged = [int(line.split()[1].rstrip(":")) for _, err in outs for line in err.splitlines()
               if line.startswith("trial ")]
-    assert sorted(logged) == sorted(t.number for t in counted)
-    assert all(any(line.startswith("trial ") for line in e.splitlines()) for e in errors)
-    assert (tmp_path / "runs" / "s" / "best.yaml").exists()
+    assert sorted(logged) == sorted(t.number for t in counted)  # each ran once, in one process
+    states = optuna.trial.TrialState
+    for t in counted:
+        assert t.state in (states.COMPLETE, states.PRUNED), t
+        run = tmp_path / "runs" / t.user_attrs["experiment"] / "fold_0"
+        epochs = len((run / "history.csv").read_text().splitlines()) - 1
+        assert epochs == len(t.intermediate_values)  # one report a finished epoch
+        if t.state == states.PRUNED:  # marked so: stopped before its last epoch
+            assert epochs < TINY_RUN["train"]["epochs"]
+        else:
+            assert epochs == TINY_RUN["train"]["epochs"]
+            result = json.loads((run / "result.json").read_text())
+            assert t.value == pytest.approx(result["best_oof_dice"], abs=1e-12)
+
+    # the best config trained again (same seed, same cache) reproduces its trial's score
+    best = study.best_trial
+    again = subprocess.run([sys.executable, "-m", "tfpneumo.cli", "train", "--config",
+                            str(tmp_path / "runs" / "s" / "best.yaml"), "--fold", "0"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    result = json.loads((tmp_path / "runs" / "s-best" / "fold_0" / "result.json").read_text())
+    assert result["best_oof_dice"] == pytest.approx(best.value, abs=1e-6)
