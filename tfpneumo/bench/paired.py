@@ -48,27 +48,12 @@ def ours_step(size: int, batch: int, seed: int = 0):
     from tfpneumo.tfimport import quiet_tensorflow
 
     tf = quiet_tensorflow()
-    import keras
-
-    from tfpneumo import compat
-    from tfpneumo.bench.synthetic import REFERENCE_OVERRIDES, base_model_config, random_batch
-    from tfpneumo.config import load_config
-    from tfpneumo.models.unet import build_model, encoder_layers
+    from tfpneumo.bench.synthetic import random_batch
+    from tfpneumo.bench.train import bench_trainer
     from tfpneumo.training import loop
-    from tfpneumo.training.losses import build_losses
-    from tfpneumo.training.trainer import Trainer, build_optimizer
 
-    keras.utils.set_random_seed(seed)
-    keras.mixed_precision.set_global_policy("float32")
-    cfg = load_config(None, REFERENCE_OVERRIDES)
-    net = build_model(base_model_config(cfg))
-    trainer = Trainer(net, accumulation_steps=1)
-    encoder_paths = {v.path for layer in encoder_layers(net) for v in layer.weights}
-    losses, loss_weights = build_losses(cfg.loss)
-    trainer.compile(optimizer=build_optimizer(cfg, cfg.optimizer.lr, encoder_paths, "float32"),
-                    loss=losses, loss_weights=loss_weights, jit_compile=False)
+    trainer = bench_trainer(size, batch, "float32", False, "reference", seed)
     data = random_batch(size, batch, seed)
-    compat.symbolic_build(trainer, data)
     batches = iter(tf.data.Dataset.from_tensors(data).repeat())
     train_one = loop._train_function(trainer, tf.distribute.get_strategy(), False,
                                      tf.Variable(0.0, trainable=False))
@@ -80,19 +65,14 @@ def ours_step(size: int, batch: int, seed: int = 0):
     return step
 
 
-def peer_step(size: int, batch: int, fmt: str, seed: int = 0):
-    """One step of the peer (smp Unet-ResNet34, AdamW, BCE on both heads) in ``fmt``."""
-    from tfpneumo.bench.peer import peer_train_step
-
-    return peer_train_step(size, batch, fmt, seed)
-
-
 def serve(side: str, spec: dict) -> None:
     """The worker: ``side`` ours or peer, ``spec`` size, batch, seconds (and fmt for the peer)."""
     if side == "ours":
         step = ours_step(spec["size"], spec["batch"])
-    else:
-        step = peer_step(spec["size"], spec["batch"], spec["fmt"])
+    else:  # the peer section's own step
+        from tfpneumo.bench.peer import peer_train_step
+
+        step = peer_train_step(spec["size"], spec["batch"], spec["fmt"])
     _serve(step, spec["seconds"])
 
 

@@ -35,6 +35,30 @@ def resolve_precision(precision: str, gpu: bool) -> str:
     return precision
 
 
+def bench_trainer(size: int, batch: int, precision: str, xla: bool, layout: str, seed: int = 0):
+    """The compiled Trainer a train setting times: the base config's network (random encoder
+    weights), optimizer and loss, or the PyTorch reference's layout, built on a random batch."""
+    import keras
+
+    from tfpneumo import compat
+    from tfpneumo.config import load_config
+    from tfpneumo.models.unet import build_model, encoder_layers
+    from tfpneumo.training.losses import build_losses
+    from tfpneumo.training.trainer import Trainer, build_optimizer
+
+    keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy(precision)
+    cfg = load_config(None, REFERENCE_OVERRIDES if layout == "reference" else [])
+    net = build_model(base_model_config(cfg))
+    trainer = Trainer(net, accumulation_steps=1)
+    encoder_paths = {v.path for layer in encoder_layers(net) for v in layer.weights}
+    optimizer = build_optimizer(cfg, cfg.optimizer.lr, encoder_paths, precision)
+    losses, loss_weights = build_losses(cfg.loss)
+    trainer.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights, jit_compile=xla)
+    compat.symbolic_build(trainer, random_batch(size, batch, seed))
+    return trainer
+
+
 def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
                windows: int = 3, steps: int | None = None, seed: int = 0,
                layout: str = "base") -> dict:
@@ -53,29 +77,14 @@ def train_case(size: int, batch: int, precision: str, xla: bool, seconds: float,
     tf = quiet_tensorflow()
     import keras
 
-    from tfpneumo import compat
-    from tfpneumo.config import load_config
-    from tfpneumo.models.unet import build_model, encoder_layers
     from tfpneumo.training import loop
-    from tfpneumo.training.losses import build_losses
-    from tfpneumo.training.trainer import Trainer, build_optimizer
 
     precision = resolve_precision(precision, bool(tf.config.list_physical_devices("GPU")))
     row: dict = {"size": size, "batch": batch, "precision": precision, "xla": xla,
                  "layout": layout, "device": device_name()}
     try:
-        keras.utils.set_random_seed(seed)
-        keras.mixed_precision.set_global_policy(precision)
-        # the base config's network, optimizer and loss, or the PyTorch reference's layout
-        cfg = load_config(None, REFERENCE_OVERRIDES if layout == "reference" else [])
-        net = build_model(base_model_config(cfg))
-        trainer = Trainer(net, accumulation_steps=1)
-        encoder_paths = {v.path for layer in encoder_layers(net) for v in layer.weights}
-        optimizer = build_optimizer(cfg, cfg.optimizer.lr, encoder_paths, precision)
-        losses, loss_weights = build_losses(cfg.loss)
-        trainer.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights, jit_compile=xla)
+        trainer = bench_trainer(size, batch, precision, xla, layout, seed)
         ds = tf.data.Dataset.from_tensors(random_batch(size, batch, seed)).repeat()
-        compat.symbolic_build(trainer, random_batch(size, batch, seed))
         marks: list[tuple[float, float]] = []  # wall and process CPU time after every step
         plan: dict[str, int] = {}
 

@@ -67,17 +67,16 @@ def out_of_fold_statistics(net, dataset, hflip: bool = True) -> dict[str, np.nda
     import tensorflow as tf
 
     from tfpneumo.evaluation.rules import MERGES
-    from tfpneumo.inference.ensemble import merge_members, predict_batch, predict_members
+    from tfpneumo.inference.ensemble import flip_members, mean_of_flips, merge_members
 
     merges = MERGES if hflip else ("mean",)  # one member: every merge is the member itself
 
     @tf.function(reduce_retracing=True)
     def step(images, masks):
-        out = {}
-        probs, label = predict_batch(net, images, hflip)  # the mean, exactly as submit's
-        out["mean"] = (label, *probability_histograms(probs, masks))
+        members, labels = flip_members(net, images, hflip)  # one forward for every merge
+        probs, label = mean_of_flips(members, labels)  # the mean, exactly as submit's
+        out = {"mean": (label, *probability_histograms(probs, masks))}
         if len(merges) > 1:
-            members, labels = predict_members(net, images, hflip)
             members, labels = tf.stack(members), tf.stack(labels)
             for merge in merges[1:]:
                 out[merge] = (merge_members(labels, merge),

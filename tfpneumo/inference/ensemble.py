@@ -65,6 +65,26 @@ def merge_members(members, merge: str):
     raise ValueError(f"unknown merge {merge!r}")
 
 
+def flip_members(net: keras.Model, images, hflip: bool = True) -> tuple[list, list]:
+    """One forward of the batch and (with ``hflip``) its mirror, a batch of 2B: the masks
+    (B, H, W, 1) and labels (B,), float32, of the image and of its mirror flipped back."""
+    n = tf.shape(images)[0]
+    out = net(tf.concat([images, tf.reverse(images, axis=[2])], axis=0) if hflip else images,
+              training=False)
+    mask = tf.cast(out["mask"], tf.float32)
+    label = tf.reshape(tf.cast(out["label"], tf.float32), [-1])
+    if not hflip:
+        return [mask], [label]
+    return [mask[:n], tf.reverse(mask[n:], axis=[2])], [label[:n], label[n:]]
+
+
+def mean_of_flips(masks: list, labels: list) -> tuple[tf.Tensor, tf.Tensor]:
+    """The mean of :func:`flip_members`' output, as :func:`predict_batch` returns it."""
+    if len(masks) == 1:
+        return masks[0], labels[0]
+    return 0.5 * (masks[0] + masks[1]), 0.5 * (labels[0] + labels[1])
+
+
 def predict_members(net: keras.Model, images, hflip: bool = True,
                     scales: tuple[float, ...] = (1.0,)) -> tuple[list, list]:
     """The TTA members of one network, unmerged: lists of masks (B, H, W, 1) and labels (B,),
@@ -73,19 +93,12 @@ def predict_members(net: keras.Model, images, hflip: bool = True,
     masks, labels = [], []
     for scale in scales:
         batch = images if scale == 1.0 else _rescaled(images, height, width, scale)
-        n = tf.shape(batch)[0]
-        out = net(tf.concat([batch, tf.reverse(batch, axis=[2])], axis=0) if hflip else batch,
-                  training=False)
-        mask = tf.cast(out["mask"], tf.float32)
-        label = tf.reshape(tf.cast(out["label"], tf.float32), [-1])
-        parts = [(mask[:n], label[:n]), (tf.reverse(mask[n:], axis=[2]), label[n:])] \
-            if hflip else [(mask, label)]
-        for m, lab in parts:
-            if scale != 1.0:
-                m = tf.clip_by_value(tf.image.resize(m, [height, width], method="bilinear"),
-                                     0.0, 1.0)
-            masks.append(m)
-            labels.append(lab)
+        scale_masks, scale_labels = flip_members(net, batch, hflip)
+        if scale != 1.0:
+            scale_masks = [tf.clip_by_value(tf.image.resize(m, [height, width], method="bilinear"),
+                                            0.0, 1.0) for m in scale_masks]
+        masks += scale_masks
+        labels += scale_labels
     return masks, labels
 
 
@@ -101,18 +114,10 @@ def predict_batch(net: keras.Model, images, hflip: bool = True) -> tuple[tf.Tens
     """Mask and label probabilities for one batch, averaged with the horizontal flip (TTA).
 
     images (B, H, W, 1) grey pixels 0..255 -> mask (B, H, W, 1) float32, label (B,) float32.
+    The batch and its mirror go through one forward (2B images), not two: the same maps bit
+    for bit, 0.99-1.06x on the 2-core CPU (issue 13; README, "Speed and progress").
     """
-    if not hflip:
-        out = net(images, training=False)
-        return tf.cast(out["mask"], tf.float32), tf.reshape(tf.cast(out["label"], tf.float32), [-1])
-    # The batch and its mirror in one forward (2B images), not two: the same maps bit for
-    # bit, 0.99-1.06x on the 2-core CPU (issue 13; README, "Speed and progress").
-    n = tf.shape(images)[0]
-    out = net(tf.concat([images, tf.reverse(images, axis=[2])], axis=0), training=False)
-    mask, label = tf.cast(out["mask"], tf.float32), tf.cast(out["label"], tf.float32)
-    mask = 0.5 * (mask[:n] + tf.reverse(mask[n:], axis=[2]))
-    label = 0.5 * (label[:n] + label[n:])
-    return mask, tf.reshape(label, [-1])
+    return mean_of_flips(*flip_members(net, images, hflip))
 
 
 def scaled_size(size: int, scale: float) -> int:
