@@ -37,3 +37,11 @@ def tf():
     from tfpneumo.tfimport import quiet_tensorflow
 
     return quiet_tensorflow()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding a ``slow`` test (the demo, the multi-worker and tune launches) first:
+    ``pytest -n 2 --dist loadfile`` (the default, pyproject.toml) hands files out in order,
+    so the long ones start at once and the short ones fill the other worker around them."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within kept

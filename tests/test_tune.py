@@ -199,6 +199,7 @@ TINY_RUN = {  # as tests/system/test_multi_worker.py: a thin resnet18 UNet at 64
 }
 
 
+@pytest.mark.slow
 def test_two_processes_train_real_trials_on_one_postgres_study(tmp_path, postgres):
     """Two `tfpneumo tune` processes on one PostgreSQL study (the multi-machine setup) train
     real trials on a tiny cache: disjoint trials, exactly the requested count, each trial an
