@@ -117,8 +117,24 @@ def build_backbone(encoder: str, image: keras.KerasTensor) -> keras.Model:
     from tfpneumo.compat import sm_keras_modules
 
     sm = _sm()
+    modules = sm_keras_modules(sm)
+    modules["layers"] = _LayersWithFusedBatchNorm(modules["layers"])
     return sm.Backbones.get_backbone(encoder, input_tensor=image, weights=None,
-                                     include_top=False, **sm_keras_modules(sm))
+                                     include_top=False, **modules)
+
+
+class _LayersWithFusedBatchNorm:
+    """``keras.layers`` as segmentation-models builds its ResNets from, with
+    :class:`~tfpneumo.models.layers.FusedBatchNorm` as its BatchNormalization."""
+
+    def __init__(self, base):
+        from tfpneumo.models.layers import FusedBatchNorm
+
+        self._base = base
+        self.BatchNormalization = FusedBatchNorm
+
+    def __getattr__(self, name: str):
+        return getattr(self._base, name)
 
 
 def imagenet_weights_entry(encoder: str) -> dict:
@@ -238,12 +254,14 @@ def _conv_bn_relu(x, filters: int, name: str, norm: str = "batch"):
     with :data:`GROUP_NORM_GROUPS` groups (``name_gn``) -> ReLU, layers ``name*``."""
     from keras import layers
 
+    from tfpneumo.models.layers import FusedBatchNorm
+
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
                       kernel_initializer="he_uniform", name=name)(x)
     if norm == "group":
         x = layers.GroupNormalization(GROUP_NORM_GROUPS, name=f"{name}_gn")(x)
     else:
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = FusedBatchNorm(name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 

@@ -144,22 +144,42 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
     def update_step(self, gradient, variable, learning_rate):
         if self.encoder_lr_mult != 1.0 and self._is_encoder(variable):
             learning_rate = keras.ops.multiply(learning_rate, self.encoder_lr_mult)
-        super().update_step(gradient, variable, learning_rate)
+        if self.amsgrad or not isinstance(gradient, tf.Tensor):  # e.g. IndexedSlices
+            super().update_step(gradient, variable, learning_rate)
+            return
+        # Keras' Adam formula in one fused kernel (TensorFlow's ResourceApplyAdam: m, v and
+        # the weight in one pass) instead of Keras' eight elementwise ops, each a pass over
+        # 24 M weights: they were 12 % of the 256 px train step's op time on a CPU.
+        dtype = tf.as_dtype(variable.dtype)
+        step = tf.cast(self.iterations + 1, dtype)
+        index = self._get_variable_index(variable)
+
+        def scalar(x):
+            return tf.cast(x, dtype)
+
+        tf.raw_ops.ResourceApplyAdam(
+            var=_handle(variable), m=_handle(self._momentums[index]),
+            v=_handle(self._velocities[index]),
+            beta1_power=tf.pow(scalar(self.beta_1), step),
+            beta2_power=tf.pow(scalar(self.beta_2), step), lr=scalar(learning_rate),
+            beta1=scalar(self.beta_1), beta2=scalar(self.beta_2), epsilon=scalar(self.epsilon),
+            grad=tf.cast(gradient, dtype))
 
     def _apply_weight_decay(self, variables):
         """Decoupled decay ``w -= lr * wd * w`` with the encoder's lr scaled like its updates.
 
         Keras (TF backend) decays every variable with the base lr; PyTorch's AdamW with
         parameter groups, which a layer-wise lr imitates, decays each group with its own lr.
+        The factor ``lr * wd`` is a scalar first: one multiplication of the weights, not two.
         """
-        if self.weight_decay is None or self.encoder_lr_mult == 1.0:
-            super()._apply_weight_decay(variables)
+        if self.weight_decay is None:
             return
 
         def decay(variable, mult):
             if self._use_weight_decay(variable):
-                lr = tf.cast(self.learning_rate, variable.dtype) * mult
-                variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype) * lr)
+                rate = (tf.cast(self.learning_rate, variable.dtype) * mult
+                        * tf.cast(self.weight_decay, variable.dtype))
+                variable.assign_sub(variable * rate)
 
         def cross_replica(distribution, variables):
             for variable in variables:
@@ -187,6 +207,12 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
 
     def get_config(self):
         return {**super().get_config(), "encoder_lr_mult": self.encoder_lr_mult}
+
+
+def _handle(variable):
+    """The resource handle of a Keras or TensorFlow variable (inside a strategy's update, a
+    distributed variable's handle is this device's copy)."""
+    return (variable.value if isinstance(variable, keras.Variable) else variable).handle
 
 
 def build_optimizer(cfg: Config, schedule, encoder_paths: set[str], precision: str):
