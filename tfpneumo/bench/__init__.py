@@ -5,7 +5,7 @@ A harness (:mod:`.harness`: context, rows, child processes, peak memory), the re
 section: :mod:`.prepare`, :mod:`.pipeline`, :mod:`.service`, :mod:`.train`, :mod:`.inference`,
 :mod:`.peer`, :mod:`.limit`, :mod:`.threshold`. What each section measures and how to add one: :mod:`.harness`.
 
-    python -m tfpneumo.bench --quick --out bench.json   # ~2.5 min on 2 cores
+    python -m tfpneumo.bench --quick --out bench.json   # ~4 min on 2 cores with the peer extra
     python -m tfpneumo.bench --out bench.json           # full grid, ~25-30 min on 2 cores
     python -m tfpneumo.bench --sections threshold pipeline --params '{"pipeline": {"sizes": [512]}}'
 """
