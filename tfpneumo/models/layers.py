@@ -56,8 +56,8 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
     Keras 3 normalises with separate ops (moments, then multiply and add: about five passes
     over the activations forward and as many again for the gradient); ``FusedBatchNormV3``
     and its gradient are one kernel each. Measured on the 256 px x 4 float32 train step of
-    UNet-ResNet34 on 2 CPU cores: BatchNorm was 8 % of the op time, the step 10 % faster
-    fused. The same results as Keras' layer (tests/models/test_layers.py): the kernel's
+    UNet-ResNet34 on 2 CPU cores: BatchNorm was 14-16 % of the op time, the step 10 %
+    faster fused. The same results as Keras' layer (tests/models/test_layers.py): the kernel's
     batch variance is Bessel-corrected, and is scaled back to the biased one Keras averages
     into ``moving_variance``. Inference, synchronized moments (``sync_batchnorm``),
     renorm, masks, other ranks and epsilons under the kernel's floor use Keras' code.
