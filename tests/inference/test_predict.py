@@ -305,3 +305,25 @@ def test_ensemble_merges_every_fold_and_flip_as_one_member_set(tf, net):
     assert np.abs(np.median(maps, 0) - maps.mean(0)).max() > 1e-3  # the merges really differ
     with pytest.raises(SubmitError, match="--merge 'max': expected one of mean, median"):
         ensemble_tta([net], x, True, (1.0,), "max")
+
+
+def test_in_bfloat16_keeps_weights_and_float32_outputs(tf):
+    """The network rebuilt for ``--precision bfloat16``: every layer mixed_bfloat16 but the
+    input and the two output sigmoids, the same weights, float32 probabilities close to the
+    float32 network's (bfloat16 keeps 8 bits of mantissa)."""
+    import keras
+
+    from tfpneumo.inference.ensemble import in_bfloat16
+
+    net = keras.saving.load_model(tiny_model_file(), compile=False)
+    half = in_bfloat16(net)
+    policies = {layer.name: layer.dtype_policy.name for layer in half.layers
+                if not isinstance(layer, keras.layers.InputLayer)}
+    assert policies.pop("mask") == policies.pop("label") == "float32"
+    assert set(policies.values()) == {"mixed_bfloat16"}
+    for a, b in zip(net.get_weights(), half.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1)).astype("float32")
+    full, low = net(x), half(x)
+    assert low["mask"].dtype == low["label"].dtype == tf.float32
+    np.testing.assert_allclose(low["mask"].numpy(), full["mask"].numpy(), atol=0.05)

@@ -131,7 +131,8 @@ def bench_ensemble(size: int, batch: int, folds: int, repeats: int,
 
     * ``per-pass``: :func:`per_pass_predictor` (before issue 13);
     * ``one forward``: :func:`tfpneumo.inference.ensemble.ensemble_predictor`, what submit runs;
-    * ``bfloat16``: the same with the networks built under ``mixed_bfloat16`` (same weights);
+    * ``bfloat16``: the same with the networks in ``mixed_bfloat16`` (same weights), as
+      ``submit --precision bfloat16`` runs them;
     * ``xla``: the same as ``one forward`` with ``jit_compile=True``.
 
     Each variant's map is compared with ``per-pass``'s: the largest difference and the pixels
@@ -145,7 +146,7 @@ def bench_ensemble(size: int, batch: int, folds: int, repeats: int,
     import keras
 
     from tfpneumo.config import Config
-    from tfpneumo.inference.ensemble import ensemble_predictor, ensemble_tta
+    from tfpneumo.inference.ensemble import ensemble_predictor, ensemble_tta, in_bfloat16
     from tfpneumo.models.unet import build_model
 
     unknown = [v for v in variants if v not in VARIANTS]
@@ -162,16 +163,8 @@ def bench_ensemble(size: int, batch: int, folds: int, repeats: int,
             runs[name] = per_pass_predictor(nets)
         elif name == "one forward":
             runs[name] = ensemble_predictor(nets, hflip=True)
-        elif name == "bfloat16":
-            policy = keras.config.dtype_policy()
-            keras.config.set_dtype_policy("mixed_bfloat16")
-            try:
-                halves = [build_model(cfg) for _ in nets]
-            finally:
-                keras.config.set_dtype_policy(policy)
-            for half, net in zip(halves, nets, strict=True):
-                half.set_weights(net.get_weights())
-            runs[name] = ensemble_predictor(halves, hflip=True)
+        elif name == "bfloat16":  # as submit --precision bfloat16 makes them
+            runs[name] = ensemble_predictor([in_bfloat16(net) for net in nets], hflip=True)
         else:
             runs[name] = tf.function(lambda x: ensemble_tta(nets, x, True), jit_compile=True,
                                      input_signature=[tf.TensorSpec([None, None, None, 1],

@@ -224,6 +224,7 @@ class Predictor:
     max_dicom_mib: float = MAX_DICOM_MIB  # config data.max_dicom_mib
     nets: list[keras.Model] = field(default_factory=list)  # for predict --explain (Grad-CAM)
     merge: str = "mean"  # how the members' maps became one (the rule's; see MERGES)
+    precision: str = "float32"  # of the networks' arithmetic (PRECISIONS)
 
     def predict(self, items: Sequence[tuple[str, Path]]) -> Iterator[Prediction]:
         """Predictions for (id, DICOM path) items, in order; one batch in memory at a time
@@ -242,31 +243,57 @@ class Predictor:
         if self.scales != (1.0,):
             tta += f", scales {','.join(f'{s:g}' for s in self.scales)}"
         names = ", ".join(f"{p.parent.name}/{p.name}" for p in self.files)
-        return f"ensemble of {len(self.files)} fold(s) ({names}), {tta}, size {self.size}"
+        return (f"ensemble of {len(self.files)} fold(s) ({names}), {tta}, size {self.size}"
+                + ("" if self.precision == "float32" else f", {self.precision}"))
+
+
+PRECISIONS = ("float32", "bfloat16")
+# Layers whose outputs stay float32 in a bfloat16 network: the two sigmoids the rules read.
+FLOAT32_OUTPUTS = ("mask", "label")
+
+
+def in_bfloat16(net: keras.Model) -> keras.Model:
+    """``net`` rebuilt with the mixed_bfloat16 policy on every layer but its output sigmoids
+    (bfloat16 arithmetic, float32 weights, float32 probabilities), with its weights."""
+    config = net.get_config()
+    for layer in config["layers"]:
+        if (layer["class_name"] != "InputLayer"  # its dtype is the input's, not a policy
+                and layer["config"].get("name") not in FLOAT32_OUTPUTS):
+            layer["config"]["dtype"] = "mixed_bfloat16"
+    half = keras.Model.from_config(config)
+    half.set_weights(net.get_weights())
+    return half
 
 
 def predictor(cfg: Config, *, folds: runs.FoldSpec = "all", weights: str = "auto",
               size: int = 1024, batch_size: int | None = None, hflip: bool = True,
               scales: Sequence[float] = (1.0,), workdir: Path = Path("."),
-              merge: str = "mean") -> Predictor:
+              merge: str = "mean", precision: str = "float32") -> Predictor:
     """Loads the run's fold ensemble, its members merged by ``merge``. ``batch_size`` None: the
-    training batch scaled to ``size`` (same pixels per batch). Bad options raise before any
-    network is loaded."""
-    check_options(size, batch_size, scales)
+    training batch scaled to ``size`` (same pixels per batch). ``precision`` bfloat16: the
+    networks in mixed_bfloat16 (faster on CPUs with AMX or avx512_bf16 and on GPUs; the masks
+    move at their edges, see the README). Bad options raise before any network is loaded."""
+    check_options(size, batch_size, scales, precision)
     check_merge(merge)
     scales = tuple(float(s) for s in scales)
     batch_size = batch_size or max(1, int(cfg.data.batch_size * (cfg.data.image_size / size) ** 2))
     files = runs.ensemble_files(cfg.experiment, folds, weights, workdir)
     nets = [load_network(p) for p in files]
+    if precision == "bfloat16":
+        nets = [in_bfloat16(net) for net in nets]
     cache = find_cache_info(cfg.data.cache)
     clahe = cache.clahe if cache is not None else cfg.prepare.clahe
     return Predictor(files, size, batch_size, hflip, scales, clahe,
                      ensemble_predictor(nets, hflip=hflip, scales=scales, merge=merge),
-                     cfg.data.max_dicom_mib, nets, merge)
+                     cfg.data.max_dicom_mib, nets, merge, precision)
 
 
-def check_options(size: int, batch_size: int | None, scales: Sequence[float]) -> None:
-    """One-line errors for a prediction size, batch size or TTA scales that cannot work."""
+def check_options(size: int, batch_size: int | None, scales: Sequence[float],
+                  precision: str = "float32") -> None:
+    """One-line errors for a prediction size, batch size, TTA scales or precision that cannot
+    work."""
+    if precision not in PRECISIONS:
+        raise TfpneumoError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
     if size < 32 or size % 32:
         raise TfpneumoError(f"--size {size}: must be a multiple of 32 (the UNet downsamples 5 "
                             "times), e.g. 512 or 1024")

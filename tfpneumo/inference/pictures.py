@@ -214,7 +214,8 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSp
             size: int = 1024, batch_size: int | None = None, hflip: bool = True,
             scales: Sequence[float] = (1.0,), workdir: Path = Path("."),
             formats: Sequence[str] = ("png",), seg_type: str = "binary",
-            save_probs: bool = False, explain: bool = False) -> str:
+            save_probs: bool = False, explain: bool = False,
+            precision: str = "float32") -> str:
     """Writes the files of the module docstring for each DICOM into ``out`` (created) and
     returns a summary: one line per image (label probability, mask area, values a SEG had to
     fill in) and a last line with the models and thresholds.
@@ -226,7 +227,7 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSp
     start = time.perf_counter()
     if not files:
         raise TfpneumoError("no DICOM files given")
-    check_options(size, batch_size, scales)
+    check_options(size, batch_size, scales, precision)
     writer = _Writer(Path(out), check_formats(formats, seg_type), seg_type, save_probs)
     items = dicom_items(files, cfg.data.max_dicom_mib)
     if "dicom-seg" in writer.formats:
@@ -236,7 +237,8 @@ def predict(cfg: Config, files: Sequence[Path], *, out: Path, folds: runs.FoldSp
                           for image_id, path in items}
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
-                         hflip=hflip, scales=scales, workdir=workdir, merge=decision.merge)
+                         hflip=hflip, scales=scales, workdir=workdir, merge=decision.merge,
+                         precision=precision)
     if writer.sources:
         writer.algorithm = _algorithm(cfg, ensemble, decision, seg_type)
         writer.check_seg_sources()

@@ -142,7 +142,7 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
            rule: dict[str, Any] | None = None, size: int = 1024,
            batch_size: int | None = None, hflip: bool = True,
            scales: Sequence[float] = (1.0,), workdir: Path = Path("."),
-           progress: bool = True) -> str:
+           progress: bool = True, precision: str = "float32") -> str:
     """Writes the submission CSV ``ImageId,EncodedPixels`` and returns a one-line summary.
 
     Every id of the sample submission appears once, in its order; ``-1`` for an empty mask,
@@ -157,7 +157,7 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
     start = time.perf_counter()
     if rle not in rle_codec.FORMATS:
         raise SubmitError(f"--rle {rle!r}: expected one of {', '.join(rle_codec.FORMATS)}")
-    check_options(size, batch_size, scales)
+    check_options(size, batch_size, scales, precision)
     out = Path(out)
     data = resolve_data(cfg, data)
     sample = resolve_sample(data, sample_submission)
@@ -167,7 +167,8 @@ def submit(cfg: Config, *, out: Path = Path("submission.csv"), rle: str = "relat
         read_header(path, cfg.data.max_dicom_mib)
     decision, source = resolve_rule(cfg.experiment, workdir, rule, size * size, weights)
     ensemble = predictor(cfg, folds=folds, weights=weights, size=size, batch_size=batch_size,
-                         hflip=hflip, scales=scales, workdir=workdir, merge=decision.merge)
+                         hflip=hflip, scales=scales, workdir=workdir, merge=decision.merge,
+                         precision=precision)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
