@@ -39,6 +39,14 @@ def tf():
     return quiet_tensorflow()
 
 
+@pytest.fixture(scope="session")
+def keras(tf):
+    """Keras, imported after TensorFlow was quieted."""
+    import keras
+
+    return keras
+
+
 def pytest_collection_modifyitems(config, items):
     """Files holding a ``slow`` test (the demo, the multi-worker and tune launches) first:
     ``pytest -n 2 --dist loadfile`` (the default, pyproject.toml) hands files out in order,

@@ -39,13 +39,6 @@ def _linear_head(keras, gains, weights, bias=0.3):
     return net
 
 
-@pytest.fixture(scope="module")
-def keras(tf):
-    import keras
-
-    return keras
-
-
 def test_grad_cam_of_a_linear_head_is_the_class_activation_map(keras):
     """gains (1, -1, 0.5), weights (2, -1, 0.5): sum_k w_k A_k = 2 relu(x) - relu(-x) +
     0.25 relu(x), i.e. 2.25 x where x > 0 and x (negative) elsewhere; the ReLU keeps 2.25

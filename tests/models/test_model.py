@@ -24,13 +24,6 @@ DOCUMENTED = {
 
 
 @pytest.fixture(scope="module")
-def keras(tf):
-    import keras
-
-    return keras
-
-
-@pytest.fixture(scope="module")
 def unet():
     from tfpneumo.models import unet
 

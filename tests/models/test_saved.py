@@ -10,13 +10,6 @@ from tfpneumo.errors import TfpneumoError
 
 
 @pytest.fixture(scope="module")
-def keras(tf):
-    import keras
-
-    return keras
-
-
-@pytest.fixture(scope="module")
 def saved(tf):
     from tfpneumo.models import saved
 

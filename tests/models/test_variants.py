@@ -18,13 +18,6 @@ FILTERS = (256, 128, 64, 32, 16)  # decoder_filters: x16, x8, x4, x2, x1
 
 
 @pytest.fixture(scope="module")
-def keras(tf):
-    import keras
-
-    return keras
-
-
-@pytest.fixture(scope="module")
 def unet(tf):
     from tfpneumo.models import unet
 
