@@ -263,6 +263,41 @@ def test_validation_split(P, cache, fold):
     assert again == ids  # deterministic order
 
 
+def test_even_batches_by_hand(P):
+    # 40 images, 2 replicas of batch 6: plain batching gives 7 batches (one replica's 4th
+    # would be empty); 8 batches of 5 instead
+    assert P.even_batches(40, 6, 1, 2) == [[5] * 8]
+    # 41 images on 2 workers of 1 replica, batch 2: shares 21 and 20, 11 batches each
+    assert P.even_batches(41, 2, 2, 1) == [[2] * 10 + [1], [2] * 9 + [1] * 2]
+    # 2 workers x 2 replicas, 18 images, batch 4: shares 9 and 9, ceil(9 / 4) = 3 -> 4 batches
+    assert P.even_batches(18, 4, 2, 2) == [[3, 2, 2, 2], [3, 2, 2, 2]]
+    assert P.even_batches(3, 8, 2, 2) == [[1, 1], [1, 0]]  # too few images: a 0
+
+
+@pytest.mark.parametrize("workers,replicas", [(1, 2), (2, 1), (3, 2)])
+def test_validation_shards_of_a_distributed_loop(P, cache, workers, replicas):
+    """Worker k of n reads images k, k + n, ... of the plain order, in as many batches as every
+    other worker, a multiple of its replicas, none empty: together the fold, each image once."""
+    folder, truth = cache
+    cfg = cfg_with()
+    order = [i.decode() for (d,) in take(P.eval_dataset(folder, 1, cfg, batch_size=7), 100)
+             for i in d["image_id"]]
+    sizes = []
+    for k in range(workers):
+        ds = P.eval_dataset(folder, 1, cfg, batch_size=7, shard=(workers, k), replicas=replicas)
+        got = [d for (d,) in take(ds, 100)]
+        assert [i.decode() for d in got for i in d["image_id"]] == order[k::workers]
+        for d in got:  # images still aligned with ids
+            np.testing.assert_array_equal(decode_index(d["image"]),
+                                          [int(i[2:]) for i in d["image_id"].astype(str)])
+        sizes.append([len(d["image_id"]) for d in got])
+    assert len({len(s) for s in sizes}) == 1 and len(sizes[0]) % replicas == 0
+    assert min(min(s) for s in sizes) >= 1 and max(max(s) for s in sizes) <= 7
+    with pytest.raises(TfpneumoError, match="fold 1: 40 images cannot give each of the 80 "
+                                            "replicas an image"):
+        P.eval_dataset(folder, 1, cfg, batch_size=7, shard=(40, 0), replicas=2)
+
+
 def test_test_split(P, cache):
     folder, truth = cache
     ds = P.eval_dataset(folder, 0, cfg_with(), split="test", batch_size=4)

@@ -355,8 +355,24 @@ def train_dataset(cache: str | Path, fold: int, cfg: Config, *,
 
 # ----------------------------------------------------------------------------- evaluation
 
+def even_batches(n_images: int, batch_size: int, workers: int, replicas: int) -> list[list[int]]:
+    """Per worker, the batch sizes of its share of ``n_images`` (worker k holds images k,
+    k + workers, ...): the same number of batches on every worker, a multiple of its
+    ``replicas``, near-equal sizes (largest first) of at most ``batch_size``. A size 0 means
+    there are too few images for that many replicas."""
+    shares = [len(range(k, n_images, workers)) for k in range(workers)]
+    per_replica = -(-max(shares) // batch_size) if shares else 0  # ceil
+    n_batches = replicas * -(-per_replica // replicas)
+    out = []
+    for share in shares:
+        q, r = divmod(share, n_batches) if n_batches else (0, 0)
+        out.append([q + 1] * r + [q] * (n_batches - r))
+    return out
+
+
 def eval_dataset(cache: str | Path, fold: int, cfg: Config, *,
-                 split: Literal["val", "test"] = "val", batch_size: int | None = None):
+                 split: Literal["val", "test"] = "val", batch_size: int | None = None,
+                 shard: tuple[int, int] = (1, 0), replicas: int = 1):
     """Deterministic full-resolution batches, no augmentation, every image exactly once.
 
     ``split="val"`` reads fold ``fold``'s shards (positives and negatives), ``"test"`` the
@@ -365,8 +381,18 @@ def eval_dataset(cache: str | Path, fold: int, cfg: Config, *,
     test), ``label`` (B, 1) float32 has_mask (-1 for test), ``image_id`` (B,) string.
     The last batch may be smaller. Use ``ds.map(lambda d: d["image"])`` for ``predict``
     and iterate ``ds.map(lambda d: d["image_id"])`` in the same order to align ids.
+
+    Inside a distributed training loop (worker ``k`` of ``n`` with ``replicas`` replicas,
+    ``shard=(n, k)``): only images ``k, k + n, k + 2n, ...`` of that order, in near-equal
+    batches of at most ``batch_size``, as many on every worker and a multiple of
+    ``replicas`` (:func:`even_batches`), so that no replica gets an empty batch (TensorFlow's
+    CPU convolution returns its input for one, and a loss that sums over replicas needs each
+    of them in every step).
     """
     tf = _tf()
+    count, index = shard
+    if not 0 <= index < count:
+        raise PipelineError(f"shard {shard}: expected (n, k) with 0 <= k < n")
     cache = Path(cache)
     _check_split(split, ("val", "test"))
     if split == "val":
@@ -394,12 +420,27 @@ def eval_dataset(cache: str | Path, fold: int, cfg: Config, *,
                 "label": d["label"], "image_id": d["image_id"]}
 
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
-    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
     # Known cardinality (from the sidecars): predict() sizes its progress bar and does not
     # warn "ran out of data"; a sidecar that disagrees with its shard fails loudly.
     n_images = sum(len(_sidecar_ids(f)) for f in files)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_images))
-    ds = ds.batch(batch).map(masks_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if count == 1 and replicas == 1:
+        ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch)
+    else:
+        every = even_batches(n_images, batch, count, replicas)
+        if min(min(sizes, default=0) for sizes in every) == 0:  # the same answer on every worker
+            raise PipelineError(f"{what}: {n_images} images cannot give each of the "
+                                f"{count * replicas} replicas an image in every batch")
+        sizes = every[index]
+        big, n_big = sizes[0], sizes.count(sizes[0])  # sizes: n_big of big, then big - 1
+        # the other workers' records are skipped before parsing, not decoded
+        mine = ds.shard(count, index)
+        ds = mine.take(big * n_big).map(parse, num_parallel_calls=AUTOTUNE,
+                                        deterministic=True).batch(big)
+        if n_big < len(sizes):
+            ds = ds.concatenate(mine.skip(big * n_big).map(
+                parse, num_parallel_calls=AUTOTUNE, deterministic=True).batch(big - 1))
+    ds = ds.map(masks_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options).prefetch(AUTOTUNE)

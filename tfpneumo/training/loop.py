@@ -101,10 +101,10 @@ def fit(trainer, strategy, train_input, val_input=None, *, epochs: int, initial_
     Args:
         train_input: ``InputContext -> dataset`` of per-replica training batches, infinite
             (already past ``initial_step`` steps when resuming inside an epoch).
-        val_input: ``InputContext -> dataset`` of per-replica validation batches, finite; every
-            worker evaluates the whole fold on its own replicas and the metric sums are
-            all-reduced: every metric is a ratio of sums, so the figures are those of one
-            device (the W copies cancel) and every worker reports them.
+        val_input: ``InputContext -> dataset`` of per-replica validation batches, finite;
+            each worker evaluates its part of the fold (``InputContext.input_pipeline_id``)
+            on its own replicas and the metric sums are all-reduced: every metric is a ratio
+            of sums, so the figures are those of one device, and every worker reports them.
         initial_step: steps of ``initial_epoch`` already done (a run preempted mid-epoch).
         callbacks: Keras callbacks, driven as ``fit`` drives them; ``trainer.stop_training``
             ends the loop after the current step (and that epoch's validation).

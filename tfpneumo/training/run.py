@@ -271,9 +271,11 @@ def train_stage(cfg: Config, fold: int, stage_dir: Path, runtime: Runtime,
     min_area = int(round(tcfg.val_min_area * val_side ** 2))
     per_replica = max(1, cfg.data.batch_size // runtime.replicas)
 
-    def val_input(_context):
-        # The whole fold on every worker, split over its replicas (see loop.fit).
-        ds = eval_dataset(cache, fold, cfg, split="val", batch_size=per_replica)
+    def val_input(context):
+        # Each worker its part of the fold, split over its replicas (see loop.fit).
+        ds = eval_dataset(cache, fold, cfg, split="val", batch_size=per_replica,
+                          shard=(context.num_input_pipelines, context.input_pipeline_id),
+                          replicas=context.num_replicas_in_sync // context.num_input_pipelines)
         ds = _resized(ds, size) if resize else ds
         return ds.map(lambda b: (b["image"], {"mask": b["mask"], "label": b["label"]}))
 
