@@ -97,6 +97,20 @@ def test_grad_cam_of_the_unet_is_its_head_weights_times_the_bottleneck(tf):
     np.testing.assert_allclose(grad_cam(model, image)[0], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_grad_cam_of_a_bfloat16_network_is_the_float32_map(tf):
+    """predict --precision bfloat16 --explain: the map of the network rebuilt in
+    mixed_bfloat16 (its features bfloat16) is the float32 network's, to bfloat16's 8 bits."""
+    from tfpneumo.inference.ensemble import in_bfloat16
+    from tfpneumo.models.saved import load_network
+
+    net = load_network(tiny_model_file())
+    image = np.random.default_rng(1).uniform(0, 255, (1, 64, 96, 1)).astype(np.float32)
+    full = normalise(grad_cam(gradcam_model(net), image)[0])
+    half = normalise(grad_cam(gradcam_model(in_bfloat16(net)), image)[0])
+    assert full.max() == 1.0 and half.dtype == np.float32
+    np.testing.assert_allclose(half, full, atol=0.05)
+
+
 def test_heat_overlay_keeps_the_radiograph_where_the_map_is_zero():
     grey = np.full((256, 256), 100, np.uint8)
     cam = np.zeros((256, 256), np.float32)

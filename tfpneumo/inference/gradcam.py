@@ -43,9 +43,11 @@ def grad_cam(cam_model, images: np.ndarray) -> np.ndarray:
     x = tf.convert_to_tensor(images, tf.float32)
     with tf.GradientTape() as tape:
         features, logit = cam_model(x, training=False)
-        features = tf.cast(features, tf.float32)
         total = tf.reduce_sum(tf.cast(logit, tf.float32))  # samples are independent
-    grads = tape.gradient(total, features)
+    # the gradient with respect to the features the logit was computed from (bfloat16 in a
+    # network of predict --precision bfloat16), then both in float32
+    grads = tf.cast(tape.gradient(total, features), tf.float32)
+    features = tf.cast(features, tf.float32)
     weights = tf.reduce_mean(grads, axis=(1, 2))  # (B, C): one weight per channel
     cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", features, weights))
     return cam.numpy()
