@@ -74,6 +74,46 @@ def test_symbolic_build_makes_the_compiled_metric_variables(tf):
     assert [v.name for v in model.metrics_variables].count("total") == 2  # + the metric's
 
 
+def _two_output_net(keras):
+    """Zero weights: both outputs are 0.5 everywhere, whatever the image."""
+    x = keras.Input((4, 4, 1), name="image")
+    mask = keras.layers.Conv2D(1, 1, kernel_initializer="zeros")(x)
+    label = keras.layers.Dense(1, kernel_initializer="zeros")(
+        keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(x, {"mask": keras.layers.Activation("sigmoid", name="mask")(mask),
+                           "label": keras.layers.Activation("sigmoid", name="label")(label)})
+
+
+def _batches_of_one_then_three(tf):
+    """Image 0 with targets 0.5 (squared error 0 against 0.5), images 1-3 with targets 1
+    (0.25 each): 0.1875 a image, but 0.125 averaged over the two batches."""
+    x = np.zeros((4, 4, 4, 1), np.float32)
+    mask = np.concatenate([np.full((1, 4, 4, 1), 0.5), np.ones((3, 4, 4, 1))]).astype(np.float32)
+    label = np.array([[0.5], [1.0], [1.0], [1.0]], np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((x, {"mask": mask, "label": label}))
+    return ds.take(1).batch(1).concatenate(ds.skip(1).batch(3))
+
+
+def test_upstream_output_loss_figures_average_batches_not_images(tf, keras):
+    """Keras' CompileLoss weights each output's loss figure by the static batch size. When
+    this fails (0.1875), drop compat.loss_figures_per_image and its use in Trainer.compute_loss."""
+    model = _two_output_net(keras)
+    model.compile(optimizer="sgd", loss={"mask": "mse", "label": "mse"})
+    got = model.evaluate(_batches_of_one_then_three(tf), return_dict=True, verbose=0)
+    assert got["mask_loss"] == pytest.approx(0.125) and got["label_loss"] == pytest.approx(0.125)
+    assert got["loss"] == pytest.approx(2 * 0.1875)  # the total's tracker weights by images
+
+
+def test_loss_figures_per_image_in_the_trainer(tf, keras):
+    from tfpneumo.training.trainer import Trainer
+
+    trainer = Trainer(_two_output_net(keras))
+    trainer.compile(optimizer="sgd", loss={"mask": "mse", "label": "mse"})
+    got = trainer.evaluate(_batches_of_one_then_three(tf), return_dict=True, verbose=0)
+    assert got["mask_loss"] == pytest.approx(0.1875) and got["label_loss"] == pytest.approx(0.1875)
+    assert got["loss"] == pytest.approx(2 * 0.1875)
+
+
 def test_register_py_func_makes_a_stable_token_callable(tf):
     from tfpneumo import compat
 

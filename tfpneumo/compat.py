@@ -31,6 +31,10 @@ entry                                 why
                                       loss and metric variables before ``strategy.run`` (our
                                       loop replaces ``fit``, which fails under
                                       MultiWorkerMirroredStrategy, keras-team/keras#20585)
+:func:`loss_figures_per_image`        Keras weights each output's loss figure
+                                      (``mask_loss``) by the batch's *static* size, None in
+                                      a traced step: every batch counts once, whatever its
+                                      size (private ``Model._compile_loss``)
 :func:`with_constants`                ``TFLiteConverter.from_concrete_functions`` with two or
                                       more signatures leaves Keras 3 variables as resource
                                       variables that LiteRT never sets (garbage or NaN out);
@@ -46,6 +50,8 @@ MirroredStrategy: merge_call inside a cond) and ``Trainer._agree_on_finite``
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import keras
@@ -76,6 +82,41 @@ def unscale_loss_for_distribution(loss):
     from keras.src.losses import loss as loss_module
 
     return loss_module.unscale_loss_for_distribution(loss)
+
+
+_BATCH_ROWS = threading.local()  # per thread: MirroredStrategy traces each replica in its own
+
+
+@contextlib.contextmanager
+def loss_figures_per_image(model, y_true, y_pred, rows):
+    """While inside, the compiled loss of ``model`` weights its per-output loss figures
+    (``mask_loss``, ``label_loss``) by ``rows``, the batch's images (a tensor), so that they
+    are means over images. Keras' ``CompileLoss.call`` passes ``y_pred.shape[0]``, which is
+    None when the step was traced for any batch size: then each batch counts once, and a
+    partial last validation batch as much as a full one. Builds the compiled loss first
+    (from ``y_true`` and ``y_pred``) if it is not built."""
+    compiled = model._compile_loss
+    if compiled is None:
+        yield
+        return
+    if not compiled.built:
+        compiled.build(y_true, y_pred)
+    for metric in compiled.metrics:
+        if "update_state" not in vars(metric):  # once per metric, for good
+            metric.update_state = _weighted_by_batch_rows(metric)
+    _BATCH_ROWS.value = rows
+    try:
+        yield
+    finally:
+        _BATCH_ROWS.value = None
+
+
+def _weighted_by_batch_rows(metric):
+    def update_state(values, sample_weight=None):
+        rows = getattr(_BATCH_ROWS, "value", None)
+        return type(metric).update_state(
+            metric, values, sample_weight=sample_weight if rows is None else rows)
+    return update_state
 
 
 def keras_home() -> Path:

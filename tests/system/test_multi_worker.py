@@ -182,12 +182,13 @@ def test_two_machines_train_like_two_gpus_and_like_one_device(cache, tmp_path):
     assert val["two"].keys() == val["mirrored"].keys() == val["one"].keys()
     for key, value in val["two"].items():
         assert value == pytest.approx(val["mirrored"][key], rel=1e-5), key
-    # and one device's, for the figures that are sums over images: Keras weights its
-    # per-output loss trackers by the static batch dimension (None here), so one device's
-    # last batch of 4 counts as much as a full one in val_*_loss (measured 53.17 for
-    # val_label_loss where the mean over the 40 images is 63.81, as the 8 equal batches say).
+    # and one device's (batches 12, 12, 12, 4), but for the positives-only mask loss: a mean
+    # over each batch's positive images, which depends on how the fold is batched (measured
+    # 0.806 on 8 batches of 5, 0.642 on one device). val_label_loss is a mean over images
+    # (compat.loss_figures_per_image; Keras' figure was 53.17 on one device, where the mean
+    # over the 40 images is 63.81).
     for key, value in val["two"].items():
-        if "dice" in key or "auc" in key:
+        if key not in ("val_mask_loss", "val_loss"):
             assert value == pytest.approx(val["one"][key], rel=1e-5), key
 
 

@@ -309,8 +309,10 @@ class Trainer(keras.Model):
                                         f"{name!r} output is not a sigmoid Activation layer")
                 value = y_pred[f"{name}_logits"]
             chosen[name] = value
-        return super().compute_loss(x=x, y=y, y_pred=chosen, sample_weight=sample_weight,
-                                    training=training)
+        rows = tf.shape(next(iter(chosen.values())))[0]
+        with compat.loss_figures_per_image(self, y, chosen, rows):
+            return super().compute_loss(x=x, y=y, y_pred=chosen, sample_weight=sample_weight,
+                                        training=training)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         y_pred = {k: v for k, v in y_pred.items() if not k.endswith("_logits")}
