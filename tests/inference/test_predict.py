@@ -327,3 +327,19 @@ def test_in_bfloat16_keeps_weights_and_float32_outputs(tf):
     full, low = net(x), half(x)
     assert low["mask"].dtype == low["label"].dtype == tf.float32
     np.testing.assert_allclose(low["mask"].numpy(), full["mask"].numpy(), atol=0.05)
+
+
+def test_bfloat16_is_called_emulated_without_a_gpu_or_bf16_cpu_flags(tmp_path):
+    from tfpneumo.machine import bfloat16_emulated, cpu_info
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx2 "
+                    "avx512f\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    model, flags = cpu_info(info)
+    assert model == "AMD EPYC 7B13" and flags == {"fpu", "sse2", "avx2", "avx512f"}
+    assert bfloat16_emulated(flags, gpus=0)
+    assert not bfloat16_emulated(flags, gpus=1)
+    assert not bfloat16_emulated(flags | {"avx512_bf16"}, gpus=0)
+    assert not bfloat16_emulated(flags | {"amx_bf16"}, gpus=0)
+    assert cpu_info(tmp_path / "absent") == ("", set())
+    assert not bfloat16_emulated(set(), gpus=0)  # nothing known: no claim

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tfpneumo.errors import TfpneumoError
+from tfpneumo.machine import cpu_info
 
 SECTION_TIMEOUT_S = {True: 900.0, False: 4 * 3600.0}  # per section process, by quick
 
@@ -260,14 +261,7 @@ def resolve_siim_mini(path: Path | None = None) -> Path:
 
 def machine_info() -> dict:
     """CPU model and flags, cores, library versions, load; without importing TensorFlow."""
-    model, flags = "", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+    model, flags = cpu_info()
     model = model or platform.processor() or platform.machine()
 
     def version(name: str) -> str | None:

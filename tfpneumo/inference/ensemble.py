@@ -41,6 +41,7 @@ from tfpneumo.data.dicom import MAX_DICOM_MIB
 from tfpneumo.data.manifest import find_cache_info
 from tfpneumo.errors import TfpneumoError
 from tfpneumo.evaluation.rules import check_merge
+from tfpneumo.machine import BFLOAT16_FLAGS, bfloat16_emulated, cpu_info
 from tfpneumo.models.saved import load_network
 
 GEOMEAN_FLOOR = 1e-7  # log(0) would make one member's 0 the whole ensemble's 0
@@ -225,6 +226,7 @@ class Predictor:
     nets: list[keras.Model] = field(default_factory=list)  # for predict --explain (Grad-CAM)
     merge: str = "mean"  # how the members' maps became one (the rule's; see MERGES)
     precision: str = "float32"  # of the networks' arithmetic (PRECISIONS)
+    bfloat16_emulated: bool = False  # no hardware for it here (machine.bfloat16_emulated)
 
     def predict(self, items: Sequence[tuple[str, Path]]) -> Iterator[Prediction]:
         """Predictions for (id, DICOM path) items, in order; one batch in memory at a time
@@ -243,8 +245,11 @@ class Predictor:
         if self.scales != (1.0,):
             tta += f", scales {','.join(f'{s:g}' for s in self.scales)}"
         names = ", ".join(f"{p.parent.name}/{p.name}" for p in self.files)
-        return (f"ensemble of {len(self.files)} fold(s) ({names}), {tta}, size {self.size}"
-                + ("" if self.precision == "float32" else f", {self.precision}"))
+        precision = "" if self.precision == "float32" else f", {self.precision}"
+        if self.precision == "bfloat16" and self.bfloat16_emulated:
+            precision += (" (emulated: no GPU, and this CPU has none of "
+                          f"{', '.join(BFLOAT16_FLAGS)}; float32 is likely faster)")
+        return f"ensemble of {len(self.files)} fold(s) ({names}), {tta}, size {self.size}{precision}"
 
 
 PRECISIONS = ("float32", "bfloat16")
@@ -285,7 +290,8 @@ def predictor(cfg: Config, *, folds: runs.FoldSpec = "all", weights: str = "auto
     clahe = cache.clahe if cache is not None else cfg.prepare.clahe
     return Predictor(files, size, batch_size, hflip, scales, clahe,
                      ensemble_predictor(nets, hflip=hflip, scales=scales, merge=merge),
-                     cfg.data.max_dicom_mib, nets, merge, precision)
+                     cfg.data.max_dicom_mib, nets, merge, precision,
+                     bfloat16_emulated(cpu_info()[1], len(tf.config.list_physical_devices("GPU"))))
 
 
 def check_options(size: int, batch_size: int | None, scales: Sequence[float],
