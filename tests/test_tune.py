@@ -227,6 +227,8 @@ def test_two_processes_train_real_trials_on_one_postgres_study(tmp_path, postgre
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    for out, _ in outs:  # the summary alone: training's lines went to stderr
+        assert out.startswith("study s: ") and len(out.strip().splitlines()) == 1, out[-2000:]
 
     study = optuna.load_study(study_name="s", storage=postgres)
     counted = [t for t in study.trials if t.user_attrs.get("note") is None]
@@ -255,3 +257,18 @@ def test_two_processes_train_real_trials_on_one_postgres_study(tmp_path, postgre
     assert again.returncode == 0, again.stderr[-2000:]
     result = json.loads((tmp_path / "runs" / "s-best" / "fold_0" / "result.json").read_text())
     assert result["best_oof_dice"] == pytest.approx(best.value, abs=1e-6)
+
+
+def test_a_trial_prints_training_to_stderr(monkeypatch, capsys):
+    """stdout is tune's summary alone (a script can read it); training's lines go to stderr."""
+    import tfpneumo.training.run as run
+    from tfpneumo.tune import train_trial
+
+    def train(cfg, folds, workdir, callbacks):
+        print("Epoch 1/4 - val_dice 0.5")
+        return types.SimpleNamespace(folds=[{"fold": k} for k in folds])
+
+    monkeypatch.setattr(run, "train", train)
+    assert train_trial(None, (0, 1), [], Path(".")) == [{"fold": 0}, {"fold": 1}]
+    out, err = capsys.readouterr()
+    assert out == "" and err == "Epoch 1/4 - val_dice 0.5\n"

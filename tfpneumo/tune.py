@@ -24,6 +24,7 @@ any other (``tfpneumo train --config runs/<study>/best.yaml``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -232,10 +233,13 @@ def pruning_callback(trial, thresholds):
 
 
 def train_trial(cfg, folds: tuple[int, ...], callbacks, workdir: Path) -> list[dict]:
-    """The folds' result.json of one trial, trained as ``tfpneumo train`` trains them."""
+    """The folds' result.json of one trial, trained as ``tfpneumo train`` trains them; what
+    training prints (epoch lines, its summary) goes to stderr with the trial lines, so that
+    stdout holds tune's own summary alone."""
     from tfpneumo.training.run import train
 
-    return train(cfg, list(folds), workdir, callbacks=callbacks).folds
+    with contextlib.redirect_stdout(sys.stderr):
+        return train(cfg, list(folds), workdir, callbacks=callbacks).folds
 
 
 def tune(config: str | Path | None, sets: list[str], search_file: Path, *,
