@@ -272,3 +272,38 @@ def test_a_trial_prints_training_to_stderr(monkeypatch, capsys):
     assert train_trial(None, (0, 1), [], Path(".")) == [{"fold": 0}, {"fold": 1}]
     out, err = capsys.readouterr()
     assert out == "" and err == "Epoch 1/4 - val_dice 0.5\n"
+
+
+def test_the_rule_objective_is_evaluates_best_rule_on_the_trials_folds(tmp_path):
+    """objective: rule -> each trial's value is the best rule's score in the evaluation.json
+    that `tfpneumo evaluate` writes for its run (both folds pooled), not result.json's."""
+    import json
+
+    import numpy as np
+    import optuna
+    from evaluation.test_evaluate import make_stats, random_maps, write_fold
+
+    from tfpneumo.tune import tune
+
+    def trainer(cfg, folds, callbacks, workdir):
+        """Out-of-fold statistics that differ by trial (seeded by the trial's lr)."""
+        rng = np.random.default_rng(int(cfg.optimizer.lr * 1e7))
+        for k in folds:
+            probs, truth, label_prob = random_maps(rng, n=12, size=16)
+            write_fold(workdir / "runs" / cfg.experiment, k,
+                       make_stats(probs, truth, label_prob, fold=k,
+                                  ids=[f"f{k}_{i}" for i in range(12)]))
+        return [{"fold": k, "best_oof_dice": -1.0, "best_val_dice": -1.0} for k in folds]
+
+    search = write_search(tmp_path, objective="rule", trials=3, pruner="none", folds=[0, 1])
+    tune(write_config(tmp_path), [], search, workdir=tmp_path, trainer=trainer)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/runs/s/study.db")
+    values = []
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        run = tmp_path / "runs" / t.user_attrs["experiment"]
+        summary = json.loads((run / "evaluation.json").read_text())
+        assert summary["folds_used"] == [0, 1] and summary["n_images"] == 24
+        assert t.value == summary["best"]["score"]  # not result.json's -1
+        values.append(t.value)
+    assert len(set(values)) == 3  # three trials, three different statistics

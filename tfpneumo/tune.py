@@ -3,8 +3,11 @@
 A search file declares the space and the objective::
 
     study: demo-search            # Optuna study name (default: <experiment>-tune)
-    objective: oof                # oof: the trained folds' best-rule out-of-fold Dice (mean);
-                                  # val_dice: their best validation Dice (mean)
+    objective: oof                # oof: the trained folds' best-rule out-of-fold Dice (mean,
+                                  # training's coarse grid); rule: the score of the best rule
+                                  # `tfpneumo evaluate` finds on the folds together (its full
+                                  # grids, what submit applies); val_dice: their best
+                                  # validation Dice (mean)
     folds: [0]                    # folds each trial trains
     trials: 20                    # trials of the whole study (every process together)
     sampler: tpe                  # tpe | random
@@ -39,7 +42,7 @@ import yaml
 from tfpneumo.config import find_config, load_config, read_yaml
 from tfpneumo.errors import TfpneumoError
 
-OBJECTIVES = ("oof", "val_dice")
+OBJECTIVES = ("oof", "rule", "val_dice")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 NOT_RUN = "not run: the study had its trials"  # user attr of a reservation past the count
@@ -242,6 +245,20 @@ def train_trial(cfg, folds: tuple[int, ...], callbacks, workdir: Path) -> list[d
         return train(cfg, list(folds), workdir, callbacks=callbacks).folds
 
 
+def objective_value(objective: str, results: list[dict], cfg, folds: tuple[int, ...],
+                    workdir: Path) -> float:
+    """A trained trial's value: the mean of its folds' result.json figure (``oof``,
+    ``val_dice``), or for ``rule`` the score of the best rule ``tfpneumo evaluate`` finds on
+    the folds' pooled out-of-fold statistics (its default grids; it writes the trial's
+    evaluation.json, which ``submit`` then reads)."""
+    if objective == "rule":
+        from tfpneumo.evaluation.report import evaluate
+
+        return float(evaluate(cfg, folds=list(folds), workdir=workdir).summary["best"]["score"])
+    key = "best_oof_dice" if objective == "oof" else "best_val_dice"
+    return float(sum(r[key] for r in results) / len(results))
+
+
 def tune(config: str | Path | None, sets: list[str], search_file: Path, *,
          storage: str | None = None, workdir: Path = Path("."), trainer=train_trial) -> str:
     """Runs trials until the study holds ``search.trials`` (with every other process on the
@@ -278,8 +295,7 @@ def tune(config: str | Path | None, sets: list[str], search_file: Path, *,
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             print(f"trial {trial.number}: failed: {trial.user_attrs['error']}", file=sys.stderr)
             continue
-        key = "best_oof_dice" if search.objective == "oof" else "best_val_dice"
-        value = float(sum(r[key] for r in results) / len(results))
+        value = objective_value(search.objective, results, cfg, search.folds, workdir)
         trial.set_user_attr("seconds", round(time.time() - t0, 1))
         if pruning.pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
