@@ -226,7 +226,7 @@ class Predictor:
     nets: list[keras.Model] = field(default_factory=list)  # for predict --explain (Grad-CAM)
     merge: str = "mean"  # how the members' maps became one (the rule's; see MERGES)
     precision: str = "float32"  # of the networks' arithmetic (PRECISIONS)
-    bfloat16_emulated: bool = False  # no hardware for it here (machine.bfloat16_emulated)
+    bfloat16_emulated: bool = False  # precision bfloat16 without hardware for it here
 
     def predict(self, items: Sequence[tuple[str, Path]]) -> Iterator[Prediction]:
         """Predictions for (id, DICOM path) items, in order; one batch in memory at a time
@@ -246,7 +246,7 @@ class Predictor:
             tta += f", scales {','.join(f'{s:g}' for s in self.scales)}"
         names = ", ".join(f"{p.parent.name}/{p.name}" for p in self.files)
         precision = "" if self.precision == "float32" else f", {self.precision}"
-        if self.precision == "bfloat16" and self.bfloat16_emulated:
+        if self.bfloat16_emulated:
             precision += (" (emulated: no GPU, and this CPU has none of "
                           f"{', '.join(BFLOAT16_FLAGS)}; float32 is likely faster)")
         return f"ensemble of {len(self.files)} fold(s) ({names}), {tta}, size {self.size}{precision}"
@@ -284,14 +284,15 @@ def predictor(cfg: Config, *, folds: runs.FoldSpec = "all", weights: str = "auto
     batch_size = batch_size or max(1, int(cfg.data.batch_size * (cfg.data.image_size / size) ** 2))
     files = runs.ensemble_files(cfg.experiment, folds, weights, workdir)
     nets = [load_network(p) for p in files]
+    emulated = False
     if precision == "bfloat16":
         nets = [in_bfloat16(net) for net in nets]
+        emulated = bfloat16_emulated(cpu_info()[1], len(tf.config.list_physical_devices("GPU")))
     cache = find_cache_info(cfg.data.cache)
     clahe = cache.clahe if cache is not None else cfg.prepare.clahe
     return Predictor(files, size, batch_size, hflip, scales, clahe,
                      ensemble_predictor(nets, hflip=hflip, scales=scales, merge=merge),
-                     cfg.data.max_dicom_mib, nets, merge, precision,
-                     bfloat16_emulated(cpu_info()[1], len(tf.config.list_physical_devices("GPU"))))
+                     cfg.data.max_dicom_mib, nets, merge, precision, emulated)
 
 
 def check_options(size: int, batch_size: int | None, scales: Sequence[float],
